@@ -1,0 +1,46 @@
+"""The ``Logger`` base class the Trainer and callbacks write through."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["Logger"]
+
+
+class Logger:
+    """Base class for experiment loggers.
+
+    The Trainer calls ``log_metrics`` with plain floats, ``log_hyperparams`` once per fit, and
+    ``finalize`` at the end of every run (``status`` is ``"success"``, ``"failed"`` or
+    ``"interrupted"``). ``log_histogram`` is optional: loggers that cannot draw histograms ignore it.
+    Only rank 0 writes; the Trainer does not call loggers on other ranks.
+    """
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def version(self) -> int | str:
+        return 0
+
+    @property
+    def log_dir(self) -> str | None:
+        """Directory this logger writes to (None when it writes nowhere on disk)."""
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        pass
+
+    def log_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+    def finalize(self, status: str) -> None:
+        self.save()

@@ -1,0 +1,898 @@
+"""The ``Trainer``: fit/validate/test/predict loops, hooks, checkpoints and loggers.
+
+The order in which hooks fire is documented in ``qtrainer/hooks.py``. The Trainer knows nothing
+about quantization; quantization callbacks use the ``configure_model`` hook, which runs before
+the optimizer is built and before checkpoint weights are restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import paddle
+
+from qtrainer import __version__
+from qtrainer.callbacks.base import Callback
+from qtrainer.checkpoint_io import FORMAT_VERSION, CheckpointError, load_checkpoint_file, save_checkpoint_file
+from qtrainer.device import default_num_threads, resolve_device, resolve_precision, set_num_threads
+from qtrainer.hooks import MODULE_HOOKS
+from qtrainer.loggers.base import Logger
+from qtrainer.module import Module
+from qtrainer.optim import load_portable_optimizer_state, parse_optimizers, portable_optimizer_state
+from qtrainer.results import LoggedResults, to_float
+from qtrainer.rng import capture_rng_state, restore_paddle_rng_state, seed_data_rngs, seed_everything
+from qtrainer.strategy import SingleProcess
+
+__all__ = ["Trainer"]
+
+log = logging.getLogger(__name__)
+
+_RUNNING_LOSS_WINDOW = 20
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: use a positive integer" + (" or None" if allow_none else ""))
+
+
+def _check_limit(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r}: use an int (number of batches) or a float fraction in [0, 1]")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0 or isinstance(value, int) and value < 0:
+        raise ValueError(f"{name}={value!r}: use an int >= 0 (number of batches) or a float fraction in [0, 1]")
+
+
+def _check_writable_dir(path: str) -> None:
+    """Raise a clear error when ``path`` cannot be created or written (checked without writing it)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"default_root_dir={path!r} cannot be created: {probe!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ValueError(f"default_root_dir={path!r} is not writable ({probe!r}: {exc.strerror})") from exc
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if isinstance(first, dict) and first:
+        first = next(iter(first.values()))
+    shape = getattr(first, "shape", None)
+    return int(shape[0]) if shape else 1
+
+
+def _loader_length(loader: Iterable) -> float:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return math.inf
+
+
+class Trainer:
+    """Runs a :class:`qtrainer.Module`'s training, validation, test and prediction.
+
+    Args:
+        max_epochs: stop after this many epochs (default 1000 when ``max_steps`` is None too).
+        max_steps: stop after this many optimizer steps.
+        limit_train_batches / limit_val_batches / limit_test_batches / limit_predict_batches:
+            batches per epoch: an int count or a float fraction of the loader.
+        val_check_interval: a float fraction of the training epoch, or an int number of batches,
+            between validations.
+        check_val_every_n_epoch: validate every n-th epoch.
+        num_sanity_val_steps: validation batches run before training to catch bugs early.
+        accumulate_grad_batches: batches whose gradients add up before each optimizer step.
+        gradient_clip_val / gradient_clip_algorithm: clip gradients by global ``"norm"`` or ``"value"``.
+        precision: ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"`` (mixed precision via ``paddle.amp``
+            where the device supports it).
+        device: ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"gpu:N"``.
+        num_threads: CPU math threads (default: the cores available to this process).
+        seed: seed Python, NumPy and Paddle at the start of each run.
+        callbacks: callbacks for every run of this Trainer.
+        logger: a Logger, a list of them, True (TensorBoard under ``default_root_dir``) or False.
+        enable_progress_bar / enable_checkpointing: add the default progress bar /
+            ``ModelCheckpoint`` when none is given.
+        default_root_dir: where logs and checkpoints go (default: the working directory).
+        log_every_n_steps: how often per-step metrics are sent to the loggers.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        val_check_interval: int | float = 1.0,
+        check_val_every_n_epoch: int = 1,
+        num_sanity_val_steps: int = 2,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        precision: str | int = "32",
+        device: str = "auto",
+        num_threads: int | None = None,
+        seed: int | None = None,
+        callbacks: list[Callback] | None = None,
+        logger: Logger | list[Logger] | bool = True,
+        enable_progress_bar: bool = True,
+        enable_checkpointing: bool = True,
+        default_root_dir: str | None = None,
+        log_every_n_steps: int = 50,
+        strategy: Any = None,
+    ) -> None:
+        _check_positive_int("max_epochs", max_epochs)
+        _check_positive_int("max_steps", max_steps)
+        _check_positive_int("accumulate_grad_batches", accumulate_grad_batches, allow_none=False)
+        _check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch, allow_none=False)
+        _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=False)
+        for name, value in (("limit_train_batches", limit_train_batches), ("limit_val_batches", limit_val_batches),
+                            ("limit_test_batches", limit_test_batches), ("limit_predict_batches", limit_predict_batches)):
+            _check_limit(name, value)
+        if isinstance(val_check_interval, bool) or not (
+            isinstance(val_check_interval, int) and val_check_interval >= 1
+            or isinstance(val_check_interval, float) and 0.0 < val_check_interval <= 1.0
+        ):
+            raise ValueError(f"val_check_interval={val_check_interval!r}: use a float in (0, 1] or an int >= 1 (batches)")
+        if isinstance(num_sanity_val_steps, bool) or not isinstance(num_sanity_val_steps, int) or num_sanity_val_steps < 0:
+            raise ValueError(f"num_sanity_val_steps={num_sanity_val_steps!r}: use an integer >= 0")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'")
+        if gradient_clip_val is not None and not (isinstance(gradient_clip_val, (int, float)) and gradient_clip_val > 0):
+            raise ValueError(f"gradient_clip_val={gradient_clip_val!r}: use a positive number or None")
+        if num_threads is not None:
+            _check_positive_int("num_threads", num_threads)
+
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.max_epochs = 1000 if max_epochs is None and max_steps is None else max_epochs
+        self.max_steps = max_steps
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.limit_test_batches = limit_test_batches
+        self.limit_predict_batches = limit_predict_batches
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.num_sanity_val_steps = num_sanity_val_steps
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.num_threads = num_threads
+        self.seed = seed
+        self.log_every_n_steps = log_every_n_steps
+        self.strategy = strategy if strategy is not None else SingleProcess()
+
+        self.default_root_dir = os.path.abspath(default_root_dir or os.getcwd())
+        _check_writable_dir(self.default_root_dir)
+        self.loggers = self._make_loggers(logger)
+        self.callbacks = self._make_callbacks(list(callbacks or []), enable_progress_bar, enable_checkpointing)
+
+        # Run state (what a checkpoint captures is in _dump_checkpoint).
+        self.current_epoch = 0
+        self.global_step = 0
+        self.should_stop = False
+        self.sanity_checking = False
+        self.failed = False
+        self.state_stage: str | None = None
+        self.callback_metrics: dict[str, float] = {}
+        self.progress_bar_metrics: dict[str, float] = {}
+        self.logged_metrics: dict[str, float] = {}
+        self.log_history: list[dict[str, float]] = []
+        self.optimizers: list = []
+        self.lr_schedulers: list[dict[str, Any]] = []
+        self.module: Module | None = None
+        self.model = None
+        self.train_dataloader = None
+        self.val_dataloaders = None
+        self.num_training_batches: float = 0
+        self.num_val_batches: float = 0
+        self.num_test_batches: float = 0
+        self.num_predict_batches: float = 0
+        self.grad_scaler = None
+        self._batches_done_in_epoch = 0
+        self._epoch_finished = False
+        self._data_seed = 0
+        self._resume: dict[str, Any] | None = None
+        self._train_results = LoggedResults()
+        self._results: LoggedResults | None = None
+        self._log_context = "train_step"
+        self._running_loss: deque[float] = deque(maxlen=_RUNNING_LOSS_WINDOW)
+        self._accumulated = 0
+        self._current_batch_size = 1
+
+    # -- construction helpers ------------------------------------------------------------
+    def _make_loggers(self, logger: Any) -> list[Logger]:
+        if logger is True:
+            from qtrainer.loggers import TensorBoardLogger
+
+            return [TensorBoardLogger(self.default_root_dir)]
+        if logger is False or logger is None:
+            return []
+        loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        for item in loggers:
+            if not isinstance(item, Logger):
+                raise TypeError(f"logger must be a qtrainer Logger, a list of them, True or False; got {type(item).__name__}")
+        return loggers
+
+    def _make_callbacks(self, callbacks: list[Callback], progress_bar: bool, checkpointing: bool) -> list[Callback]:
+        from qtrainer.callbacks import ModelCheckpoint, TQDMProgressBar
+
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks must be qtrainer Callback instances; got {type(callback).__name__}")
+        has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        if has_checkpoint and not checkpointing:
+            raise ValueError("a ModelCheckpoint was passed in callbacks but enable_checkpointing=False; drop one of them")
+        if checkpointing and not has_checkpoint:
+            callbacks.append(ModelCheckpoint())
+        if progress_bar and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
+            callbacks.insert(0, TQDMProgressBar())
+        return callbacks
+
+    @staticmethod
+    def _ordered(callbacks: list[Callback]) -> list[Callback]:
+        """Checkpoint callbacks run last, so they see what the others did."""
+        from qtrainer.callbacks import ModelCheckpoint
+
+        others = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return others + [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+
+    # -- public properties ---------------------------------------------------------------
+    @property
+    def logger(self) -> Logger | None:
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        if self.logger is not None and self.logger.log_dir is not None:
+            return self.logger.log_dir
+        return self.default_root_dir
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.strategy.is_global_zero
+
+    @property
+    def global_rank(self) -> int:
+        return self.strategy.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.strategy.world_size
+
+    @property
+    def checkpoint_callbacks(self) -> list:
+        from qtrainer.callbacks import ModelCheckpoint
+
+        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self):
+        callbacks = self.checkpoint_callbacks
+        return callbacks[0] if callbacks else None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _call_hook(self, name: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, name)(self, self.module, *args)
+        if name in MODULE_HOOKS:
+            getattr(self.module, name)(*args)
+
+    def _call_callbacks(self, name: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, name)(self, self.module, *args)
+
+    def _handle_exception(self, exc: BaseException) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        for callback in self.callbacks:
+            try:
+                callback.on_exception(self, self.module, exc)
+            except Exception:  # noqa: BLE001 - the original exception is what the user must see
+                log.exception("%s.on_exception raised while handling %r", type(callback).__name__, exc)
+
+    @contextlib.contextmanager
+    def _span(self, start: str, end: str):
+        """Fire ``start``, run the body, and always fire ``end`` (after ``on_exception`` on failure)."""
+        self._call_hook(start)
+        try:
+            yield
+        except BaseException as exc:
+            self._handle_exception(exc)
+            raise
+        finally:
+            if self.failed:
+                try:
+                    self._call_hook(end)
+                except Exception:  # noqa: BLE001
+                    log.exception("%s raised while handling a failed run", end)
+            else:
+                self._call_hook(end)
+
+    # -- logging -----------------------------------------------------------------------------
+    def _log_from_module(self, name: str, value: Any, *, prog_bar: bool, logger: bool, on_step: bool | None,
+                         on_epoch: bool | None, reduce_fx: str, batch_size: int | None) -> None:
+        if self._results is None:
+            raise RuntimeError(f"self.log({name!r}) was called outside a training/validation/test step or hook")
+        in_step = self._log_context == "train_step"
+        on_step = in_step if on_step is None else on_step
+        on_epoch = (not in_step) if on_epoch is None else on_epoch
+        if self._log_context != "train_step" and on_step:
+            on_step = False  # validation/test and epoch-end hooks only reduce per epoch
+            on_epoch = True
+        weight = batch_size if batch_size is not None else self._current_batch_size
+        self._results.log(name, to_float(value, name), weight=weight, on_step=on_step, on_epoch=on_epoch,
+                          prog_bar=prog_bar, logger=logger, reduce_fx=reduce_fx)
+
+    def _publish(self, values: dict[str, tuple[float, Any]], step: int | None, to_loggers: bool) -> dict[str, float]:
+        metrics = {name: value for name, (value, _) in values.items()}
+        self.callback_metrics.update(metrics)
+        self.progress_bar_metrics.update({n: v for n, (v, e) in values.items() if e.prog_bar})
+        logged = {n: v for n, (v, e) in values.items() if e.logger}
+        if to_loggers and logged:
+            self.logged_metrics.update(logged)
+            self.log_metrics(logged, step)
+        return metrics
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send plain-float metrics to every logger (rank 0 only)."""
+        if not self.is_global_zero or not metrics:
+            return
+        step = self.global_step if step is None else step
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step)
+
+    def log_histogram(self, tag: str, values: Any, step: int | None = None) -> None:
+        """Send a histogram to every logger that draws them (rank 0 only)."""
+        if not self.is_global_zero:
+            return
+        step = self.global_step if step is None else step
+        for logger in self.loggers:
+            logger.log_histogram(tag, np.asarray(values), step)
+
+    # -- public entry points -----------------------------------------------------------
+    def fit(self, model: Module, train_dataloaders: Iterable | None = None, val_dataloaders: Iterable | None = None,
+            callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> None:
+        """Train ``model``; ``callbacks`` join the Trainer's for this call; ``ckpt_path`` resumes
+        (``"last"`` = the newest checkpoint of this Trainer's checkpoint callbacks)."""
+        self._run("fit", model, callbacks, lambda: self._fit(train_dataloaders, val_dataloaders, ckpt_path))
+
+    def validate(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
+                 callbacks: list[Callback] | None = None) -> list[dict[str, float]]:
+        """Run the validation loop once; return ``[metrics]``."""
+        return self._run("validate", model, callbacks, lambda: self._evaluate("validation", dataloaders, ckpt_path))
+
+    def test(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
+             callbacks: list[Callback] | None = None) -> list[dict[str, float]]:
+        """Run the test loop once; return ``[metrics]``."""
+        return self._run("test", model, callbacks, lambda: self._evaluate("test", dataloaders, ckpt_path))
+
+    def predict(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
+                callbacks: list[Callback] | None = None) -> list[Any]:
+        """Run ``predict_step`` over the loader; return the list of its outputs."""
+        return self._run("predict", model, callbacks, lambda: self._predict(dataloaders, ckpt_path))
+
+    def save_checkpoint(self, filepath: str) -> None:
+        """Write a full checkpoint atomically (rank 0 writes; every rank waits for it)."""
+        if self.is_global_zero:
+            checkpoint = self._dump_checkpoint()
+            _check_finite_weights(checkpoint["state_dict"], filepath)
+            save_checkpoint_file(checkpoint, filepath)
+        self.strategy.barrier()
+
+    # -- run skeleton --------------------------------------------------------------------
+    def _run(self, stage: str, model: Module, extra_callbacks: list[Callback] | None, body: Callable[[], Any]) -> Any:
+        if not isinstance(model, Module):
+            raise TypeError(
+                f"Trainer.{stage} needs a qtrainer.Module, got {type(model).__name__}; wrap a plain "
+                "paddle.nn.Layer classifier with qtrainer.ClassificationModule(net)"
+            )
+        for callback in extra_callbacks or []:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks must be qtrainer Callback instances; got {type(callback).__name__}")
+        own_callbacks = self.callbacks
+        self.callbacks = self._ordered(own_callbacks + list(extra_callbacks or []))
+        self.module, model._trainer = model, self
+        self.state_stage, self.failed, self.should_stop = stage, False, False
+        self.strategy.setup()
+        paddle.set_device(self.device)
+        set_num_threads(self.num_threads or default_num_threads())
+        if self.seed is not None:
+            seed_everything(self.seed)
+        status = "failed"
+        try:
+            self._call_hook("setup", stage)
+            self._call_hook("configure_model")
+            result = body()
+            status = "success"
+            return result
+        except KeyboardInterrupt as exc:
+            status = "interrupted"
+            self._handle_exception(exc)
+            raise
+        except BaseException as exc:
+            self._handle_exception(exc)
+            raise
+        finally:
+            try:
+                self._call_hook("teardown", stage)
+            finally:
+                if self.is_global_zero:
+                    for logger in self.loggers:
+                        logger.finalize(status)
+                self.callbacks = own_callbacks
+                self._results = None
+
+    def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None, ckpt_path: str | None) -> None:
+        module = self.module
+        train_loader = train_dataloaders if train_dataloaders is not None else module.train_dataloader()
+        if train_loader is None:
+            raise ValueError("no training data: pass train_dataloaders to fit() or define train_dataloader() on the module")
+        val_loader = val_dataloaders if val_dataloaders is not None else module.val_dataloader()
+        self.train_dataloader, self.val_dataloaders = train_loader, val_loader
+
+        checkpoint = None
+        if ckpt_path is not None:
+            path = self._resolve_ckpt_path(ckpt_path)
+            checkpoint = load_checkpoint_file(path)
+            self._restore_module(checkpoint, path, hooks=True)
+        else:
+            self.current_epoch, self.global_step, self.log_history = 0, 0, []
+            self._resume = None
+            self._data_seed = self.seed if self.seed is not None else int(np.random.randint(0, 2**31 - 1))
+        self.model = self.strategy.wrap_model(module)
+        self.optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
+        self.grad_scaler = paddle.amp.GradScaler() if self.precision.needs_grad_scaler else None
+        if checkpoint is not None:
+            self._restore_training_state(checkpoint)
+
+        self.num_training_batches = self._limited_length(train_loader, self.limit_train_batches, "limit_train_batches")
+        if self.num_training_batches == 0:
+            raise ValueError("the training loader yields no batches (empty dataset or limit_train_batches=0)")
+        self.num_val_batches = (
+            self._limited_length(val_loader, self.limit_val_batches, "limit_val_batches") if val_loader is not None else 0
+        )
+        if self.is_global_zero:
+            hparams = getattr(module, "hparams", None)
+            if hparams:
+                for logger in self.loggers:
+                    logger.log_hyperparams(dict(hparams))
+        with self._span("on_fit_start", "on_fit_end"):
+            if val_loader is not None and self.num_val_batches and self.num_sanity_val_steps:
+                self._sanity_check(val_loader)
+            with self._span("on_train_start", "on_train_end"):
+                self._train_loop(train_loader, val_loader)
+            if self.is_global_zero and getattr(module, "hparams", None):
+                for logger in self.loggers:
+                    logger.log_hyperparams(dict(module.hparams), dict(self.callback_metrics))
+
+    def _sanity_check(self, val_loader: Iterable) -> None:
+        self.sanity_checking = True
+        saved = (dict(self.callback_metrics), dict(self.progress_bar_metrics))
+        try:
+            with self._span("on_sanity_check_start", "on_sanity_check_end"):
+                self._evaluation_epoch("validation", val_loader, min(self.num_sanity_val_steps, self.num_val_batches))
+        finally:
+            self.sanity_checking = False
+            self.callback_metrics, self.progress_bar_metrics = saved
+
+    # -- training ----------------------------------------------------------------------
+    def _done(self) -> bool:
+        if self.should_stop:
+            return True
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            return True
+        return self.max_epochs is not None and self.current_epoch >= self.max_epochs
+
+    def _val_check_batches(self) -> float:
+        if isinstance(self.val_check_interval, int):
+            return self.val_check_interval
+        if math.isinf(self.num_training_batches):
+            if self.val_check_interval != 1.0:
+                raise ValueError("val_check_interval as a fraction needs a loader with a length; use an int number of batches")
+            return math.inf
+        return max(1, int(self.num_training_batches * self.val_check_interval))
+
+    def _validation_due_this_epoch(self) -> bool:
+        return bool(self.val_dataloaders is not None and self.num_val_batches
+                    and (self.current_epoch + 1) % self.check_val_every_n_epoch == 0)
+
+    def _train_loop(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
+        module = self.module
+        val_every = self._val_check_batches()
+        while not self._done():
+            _set_sampler_epoch(train_loader, self.current_epoch)
+            seed_data_rngs(self._data_seed, self.current_epoch)
+            resume, self._resume = self._resume, None
+            if resume is not None and not resume["batches_done"]:
+                restore_paddle_rng_state(resume["rng"])
+            if resume is None or not resume["batches_done"]:
+                self._train_results.reset()
+            self._epoch_finished = False
+            module.train()
+            self._log_context, self._results = "train_step", self._train_results
+            self._call_hook("on_train_epoch_start")
+            iterator = iter(train_loader)
+            batch_idx = 0
+            if resume is not None and resume["batches_done"]:
+                for _ in range(resume["batches_done"]):
+                    next(iterator)
+                batch_idx = resume["batches_done"]
+                restore_paddle_rng_state(resume["rng"])
+            # A step checkpoint is written after the validation of its batch, so a run resumed
+            # from it has already validated there.
+            validated_at_end = batch_idx > 0 and batch_idx % val_every == 0 and self._validation_due_this_epoch()
+            while batch_idx < self.num_training_batches:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                stepped = self._training_batch(batch, batch_idx)
+                batch_idx += 1
+                self._batches_done_in_epoch = batch_idx
+                validated_at_end = False
+                if batch_idx % val_every == 0 and self._validation_due_this_epoch():
+                    self._run_validation(val_loader)
+                    validated_at_end = True
+                if stepped:
+                    for callback in self.checkpoint_callbacks:
+                        callback.on_step_checkpoint(self, module)
+                if self.max_steps is not None and self.global_step >= self.max_steps:
+                    break
+            _close_iterator(iterator)
+            if not validated_at_end and isinstance(self.val_check_interval, float) and self._validation_due_this_epoch():
+                self._run_validation(val_loader)
+            completed = not (self.max_steps is not None and self.global_step >= self.max_steps
+                             and batch_idx < self.num_training_batches)
+            self._end_training_epoch(completed)
+
+    def _training_batch(self, batch: Any, batch_idx: int) -> bool:
+        """One forward/backward (and optimizer step when due); True when the optimizer stepped."""
+        module = self.module
+        self._current_batch_size = _batch_size(batch)
+        batch = _to_device(batch, self.device)
+        self._call_hook("on_train_batch_start", batch, batch_idx)
+        with self.precision.autocast():
+            outputs = module.training_step(batch, batch_idx)
+        loss = self._extract_loss(outputs)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"the training loss is {loss_value} at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(global step {self.global_step}); stopping. No checkpoint with non-finite weights is written."
+            )
+        self._running_loss.append(loss_value)
+        self._call_hook("on_before_backward", loss)
+        scaled = loss / self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else loss
+        (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
+        self._call_hook("on_after_backward")
+        self._accumulated += 1
+        last_batch = batch_idx + 1 == self.num_training_batches
+        stepped = False
+        if self._accumulated >= self.accumulate_grad_batches or last_batch:
+            self._optimizer_step()
+            stepped = True
+        self._call_hook("on_train_batch_end", outputs, batch, batch_idx)
+        self.progress_bar_metrics["loss"] = sum(self._running_loss) / len(self._running_loss)
+        step_values = self._train_results.step_values()
+        log_now = stepped and self.global_step % self.log_every_n_steps == 0
+        self._publish(step_values, self.global_step, to_loggers=log_now)
+        return stepped
+
+    def _extract_loss(self, outputs: Any) -> paddle.Tensor:
+        where = f"{type(self.module).__name__}.training_step"
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            raise ValueError(f"{where} returned {'a dict without a loss' if isinstance(outputs, dict) else 'None'}; "
+                             "return a scalar loss tensor or a dict with 'loss'")
+        if not isinstance(loss, paddle.Tensor):
+            raise TypeError(f"{where} returned a loss of type {type(loss).__name__}; return a scalar paddle.Tensor")
+        if loss.size != 1:
+            raise ValueError(f"{where} returned a loss of shape {list(loss.shape)}; reduce it to a scalar (e.g. .mean())")
+        return loss
+
+    def _optimizer_step(self) -> None:
+        parameters = [p for p in self.module.parameters() if not p.stop_gradient]
+        for optimizer in self.optimizers:
+            self._call_hook("on_before_optimizer_step", optimizer)
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(optimizer)
+            if self.gradient_clip_val is not None:
+                with_grad = [p for p in parameters if p.grad is not None]
+                if self.gradient_clip_algorithm == "norm":
+                    paddle.nn.utils.clip_grad_norm_(with_grad, self.gradient_clip_val)
+                else:
+                    paddle.nn.utils.clip_grad_value_(with_grad, self.gradient_clip_val)
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(optimizer)
+                self.grad_scaler.update()
+            else:
+                optimizer.step()
+            self._call_hook("on_before_zero_grad", optimizer)
+            optimizer.clear_grad()
+        self._accumulated = 0
+        self.global_step += 1
+        for config in self.lr_schedulers:
+            if config["interval"] == "step" and self.global_step % config["frequency"] == 0:
+                config["scheduler"].step()
+
+    def _end_training_epoch(self, completed: bool) -> None:
+        """Epoch-end hooks, epoch metrics, schedulers, checkpoints and the stop decision.
+
+        An epoch cut short by ``max_steps`` is checkpointed as unfinished, so a resumed run with
+        a larger ``max_steps`` continues with the rest of that epoch.
+        """
+        module = self.module
+        epoch_values = self._train_results.epoch_values(self.strategy.all_reduce)
+        self._publish(epoch_values, self.global_step, to_loggers=False)
+        self._log_context = "train_epoch_end"
+        self._call_hook("on_train_epoch_end")
+        self._log_context = "train_step"
+        epoch_values = self._train_results.epoch_values(self.strategy.all_reduce)
+        metrics = self._publish(epoch_values, self.global_step, to_loggers=True)
+        self.log_metrics({"epoch": float(self.current_epoch)}, self.global_step)
+        self._record_history(metrics)
+        for config in self.lr_schedulers:
+            if completed and config["interval"] == "epoch" and (self.current_epoch + 1) % config["frequency"] == 0:
+                config["scheduler"].step()
+        self._epoch_finished = completed
+        for callback in self.checkpoint_callbacks:
+            callback.on_epoch_checkpoint(self, module)
+        self.should_stop = self.strategy.reduce_boolean_decision(self.should_stop)
+        if completed:
+            self.current_epoch += 1
+            self._batches_done_in_epoch = 0
+        self._epoch_finished = False
+
+    def _record_history(self, metrics: dict[str, float]) -> None:
+        if self.log_history and self.log_history[-1]["step"] == self.global_step and \
+                self.log_history[-1]["epoch"] == self.current_epoch:
+            self.log_history[-1].update(metrics)
+        else:
+            self.log_history.append({"epoch": self.current_epoch, "step": self.global_step, **metrics})
+
+    def _run_validation(self, val_loader: Iterable) -> None:
+        metrics = self._evaluation_epoch("validation", val_loader, self.num_val_batches)
+        self._record_history(metrics)
+        self.module.train()
+        self._log_context, self._results = "train_step", self._train_results
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _evaluation_epoch(self, stage: str, loader: Iterable, num_batches: float) -> dict[str, float]:
+        """One pass of validation or test; returns the epoch metrics."""
+        module = self.module
+        step_fn = getattr(module, f"{stage}_step", None)
+        was_training = module.training
+        module.eval()
+        results = LoggedResults()
+        self._log_context, self._results = stage, results
+        try:
+            with self._span(f"on_{stage}_start", f"on_{stage}_end"):
+                self._call_hook(f"on_{stage}_epoch_start")
+                with paddle.no_grad():
+                    iterator = iter(loader)
+                    for batch_idx, batch in enumerate(iterator):
+                        if batch_idx >= num_batches:
+                            break
+                        self._current_batch_size = _batch_size(batch)
+                        batch = _to_device(batch, self.device)
+                        self._call_hook(f"on_{stage}_batch_start", batch, batch_idx)
+                        with self.precision.autocast():
+                            outputs = step_fn(batch, batch_idx) if step_fn is not None else None
+                        self._call_hook(f"on_{stage}_batch_end", outputs, batch, batch_idx)
+                    _close_iterator(iterator)
+                self._call_hook(f"on_{stage}_epoch_end")
+                metrics = self._publish(results.epoch_values(self.strategy.all_reduce), self.global_step,
+                                        to_loggers=not self.sanity_checking)
+        finally:
+            if was_training:
+                module.train()
+        return metrics
+
+    def _evaluate(self, stage: str, dataloaders: Iterable | None, ckpt_path: str | None) -> list[dict[str, float]]:
+        loader = dataloaders if dataloaders is not None else getattr(self.module, f"{'val' if stage == 'validation' else stage}_dataloader")()
+        if loader is None:
+            raise ValueError(f"no {stage} data: pass dataloaders or define the module's "
+                             f"{'val' if stage == 'validation' else stage}_dataloader()")
+        if not hasattr(type(self.module), f"{stage}_step"):
+            raise NotImplementedError(f"{type(self.module).__name__} has no {stage}_step(batch, batch_idx)")
+        if ckpt_path is not None:
+            path = self._resolve_ckpt_path(ckpt_path)
+            self._restore_module(load_checkpoint_file(path), path, hooks=False)
+        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
+        num_batches = self._limited_length(loader, limit, "limit_val_batches" if stage == "validation" else "limit_test_batches")
+        if stage == "validation":
+            self.num_val_batches = num_batches
+        else:
+            self.num_test_batches = num_batches
+        return [self._evaluation_epoch(stage, loader, num_batches)]
+
+    def _predict(self, dataloaders: Iterable | None, ckpt_path: str | None) -> list[Any]:
+        module = self.module
+        loader = dataloaders if dataloaders is not None else module.predict_dataloader()
+        if loader is None:
+            raise ValueError("no predict data: pass dataloaders or define the module's predict_dataloader()")
+        if ckpt_path is not None:
+            path = self._resolve_ckpt_path(ckpt_path)
+            self._restore_module(load_checkpoint_file(path), path, hooks=False)
+        self.num_predict_batches = self._limited_length(loader, self.limit_predict_batches, "limit_predict_batches")
+        predictions = []
+        module.eval()
+        with self._span("on_predict_start", "on_predict_end"):
+            self._call_hook("on_predict_epoch_start")
+            with paddle.no_grad():
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= self.num_predict_batches:
+                        break
+                    batch = _to_device(batch, self.device)
+                    self._call_hook("on_predict_batch_start", batch, batch_idx)
+                    with self.precision.autocast():
+                        outputs = module.predict_step(batch, batch_idx)
+                    self._call_hook("on_predict_batch_end", outputs, batch, batch_idx)
+                    predictions.append(outputs)
+            self._call_hook("on_predict_epoch_end")
+        return predictions
+
+    def _limited_length(self, loader: Iterable, limit: int | float | None, name: str) -> float:
+        length = _loader_length(loader)
+        if limit is None:
+            return length
+        if isinstance(limit, float):
+            if math.isinf(length):
+                if limit in (0.0, 1.0):
+                    return 0 if limit == 0.0 else length
+                raise ValueError(f"{name}={limit} is a fraction but the loader has no length; use an int number of batches")
+            return max(1, int(length * limit)) if limit > 0 else 0
+        return min(length, limit)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _dump_checkpoint(self) -> dict[str, Any]:
+        module = self.module
+        checkpoint: dict[str, Any] = {
+            "qtrainer_checkpoint": FORMAT_VERSION,
+            "qtrainer_version": __version__,
+            "paddle_version": paddle.__version__,
+            "trainer_state": {
+                "epoch": self.current_epoch,
+                "global_step": self.global_step,
+                "batches_done": 0 if self._epoch_finished else self._batches_done_in_epoch,
+                "epoch_finished": self._epoch_finished,
+                "log_history": [dict(r) for r in self.log_history],
+                "callback_metrics": dict(self.callback_metrics),
+            },
+            "state_dict": {k: v.numpy() for k, v in module.state_dict().items()},
+            "optimizer_states": [portable_optimizer_state(o, module) for o in self.optimizers],
+            "lr_schedulers": [c["scheduler"].state_dict() for c in self.lr_schedulers],
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "rng": capture_rng_state(),
+            "data_seed": self._data_seed,
+            "train_results": self._train_results.state_dict(),
+            "running_loss": list(self._running_loss),
+            "callbacks": {},
+        }
+        for callback in self.callbacks:
+            state = callback.state_dict()
+            if not state:
+                continue
+            if callback.state_key in checkpoint["callbacks"]:
+                raise ValueError(
+                    f"two callbacks share the checkpoint state key {callback.state_key!r} "
+                    f"({type(callback).__name__}); give them different arguments so their states can be told apart"
+                )
+            checkpoint["callbacks"][callback.state_key] = state
+        self._call_hook("on_save_checkpoint", checkpoint)
+        return checkpoint
+
+    def _resolve_ckpt_path(self, ckpt_path: str) -> str:
+        if ckpt_path != "last":
+            return ckpt_path
+        candidates = []
+        for callback in self.checkpoint_callbacks:
+            directory = getattr(callback, "dirpath", None)
+            if directory and os.path.isdir(directory):
+                candidates += [os.path.join(directory, f) for f in os.listdir(directory)
+                               if f.endswith(".ckpt") and not f.startswith(".tmp-")]
+        if not candidates:
+            dirs = [getattr(c, "dirpath", None) for c in self.checkpoint_callbacks]
+            raise CheckpointError(f"ckpt_path='last' but no checkpoint was found in {dirs}")
+        return max(candidates, key=os.path.getmtime)
+
+    def _restore_module(self, checkpoint: dict[str, Any], path: str, hooks: bool) -> None:
+        """Weights (and, for fit, callback states) — after configure_model, before optimizers."""
+        module = self.module
+        if hooks:
+            self._call_hook("on_load_checkpoint", checkpoint)
+            for callback in self.callbacks:
+                state = checkpoint["callbacks"].get(callback.state_key)
+                if state is not None:
+                    callback.load_state_dict(state)
+        state_dict = checkpoint["state_dict"]
+        own = module.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {path!r} does not match {type(module).__name__}: missing keys {missing[:10]}, "
+                f"unexpected keys {unexpected[:10]} (was it saved with different callbacks, e.g. without QAT?)"
+            )
+        for key, value in state_dict.items():
+            if list(own[key].shape) != list(value.shape):
+                raise CheckpointError(f"checkpoint {path!r}: {key} has shape {list(value.shape)}, the model expects {list(own[key].shape)}")
+        module.set_state_dict({k: paddle.to_tensor(v) for k, v in state_dict.items()})
+        if hooks:
+            state = checkpoint["trainer_state"]
+            finished = state["epoch_finished"]
+            self.current_epoch = state["epoch"] + (1 if finished else 0)
+            self.global_step = state["global_step"]
+            self.log_history = [dict(r) for r in state["log_history"]]
+            self.callback_metrics = dict(state["callback_metrics"])
+            self._data_seed = checkpoint["data_seed"]
+            self._resume = {"batches_done": 0 if finished else state["batches_done"], "rng": checkpoint["rng"]}
+
+    def _restore_training_state(self, checkpoint: dict[str, Any]) -> None:
+        module = self.module
+        states = checkpoint["optimizer_states"]
+        if len(states) != len(self.optimizers):
+            raise CheckpointError(f"the checkpoint has {len(states)} optimizer states; configure_optimizers made {len(self.optimizers)}")
+        for optimizer, state in zip(self.optimizers, states):
+            load_portable_optimizer_state(optimizer, module, state)
+        for config, state in zip(self.lr_schedulers, checkpoint["lr_schedulers"]):
+            config["scheduler"].set_state_dict(state)
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+        if self._resume and self._resume["batches_done"]:
+            self._train_results.load_state_dict(checkpoint["train_results"])
+        self._running_loss = deque(checkpoint.get("running_loss", []), maxlen=_RUNNING_LOSS_WINDOW)
+
+
+def _check_finite_weights(state_dict: dict[str, np.ndarray], path: str) -> None:
+    bad = [name for name, value in state_dict.items()
+           if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to write checkpoint {path!r}: non-finite values in {bad[:10]}")
+
+
+def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:
+    for attr in ("batch_sampler", "sampler"):
+        sampler = getattr(loader, attr, None)
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
+def _close_iterator(iterator: Any) -> None:
+    """Stop a loader iterator's prefetching (it would keep drawing from the global RNGs)."""
+    shutdown = getattr(iterator, "_try_shutdown_all", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _to_device(batch: Any, device: str) -> Any:
+    """Move the batch's tensors to ``device`` (a no-op on CPU, where loaders already put them)."""
+    if device == "cpu":
+        return batch
+    if isinstance(batch, paddle.Tensor):
+        return batch if str(batch.place).lower().startswith("place(gpu") else batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
