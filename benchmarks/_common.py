@@ -1,0 +1,46 @@
+"""Shared helpers of the benchmarks: timing, tables and JSON results."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+from typing import Any
+
+import paddle
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a measurement was taken."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+            "paddle": paddle.__version__, "python": platform.python_version()}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(path, "w") as handle:
+        json.dump({"machine": machine(), **payload}, handle, indent=2)
+    return path

@@ -1,0 +1,108 @@
+"""Where a logger writes: ``<save_dir>/<name>/version_<N>``, checked early, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any, Mapping
+
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def check_save_dir(save_dir: str, owner: str) -> str:
+    """Return ``save_dir`` as a path, or raise ``ValueError`` when it cannot be created or written.
+
+    The check walks up to the nearest existing ancestor: it must be a directory we may write to.
+    """
+    if not isinstance(save_dir, (str, os.PathLike)):
+        raise TypeError(f"{owner}(save_dir={save_dir!r}): save_dir must be a path (str or os.PathLike)")
+    path = os.fspath(save_dir)
+    if not path:
+        raise ValueError(f"{owner}(save_dir=''): save_dir must not be empty")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(
+            f"{owner}(save_dir={path!r}): cannot create the log directory, {probe!r} is a file, not a directory"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{owner}(save_dir={path!r}): the directory {probe!r} is not writable")
+    return path
+
+
+def check_version(version: Any, owner: str) -> int | str | None:
+    """Accept None (next free number), an int >= 0, or a non-empty directory name."""
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (int, str)):
+        raise TypeError(f"{owner}(version={version!r}): version must be None, an int >= 0 or a str")
+    if isinstance(version, int) and version < 0:
+        raise ValueError(f"{owner}(version={version}): version must be >= 0")
+    if isinstance(version, str) and (not version or os.sep in version):
+        raise ValueError(f"{owner}(version={version!r}): a str version must be a non-empty directory name")
+    return version
+
+
+def next_version(root_dir: str) -> int:
+    """One more than the highest ``version_<N>`` directory under ``root_dir`` (0 when there is none)."""
+    try:
+        names = os.listdir(root_dir)
+    except FileNotFoundError:
+        return 0
+    numbers = [
+        int(m.group(1))
+        for m in map(_VERSION_DIR.match, names)
+        if m and os.path.isdir(os.path.join(root_dir, m.group(0)))
+    ]
+    return max(numbers) + 1 if numbers else 0
+
+
+def version_dir_name(version: int | str) -> str:
+    return f"version_{version}" if isinstance(version, int) else version
+
+
+def make_dirs(path: str, owner: str) -> None:
+    """Create ``path``; an ``OSError`` names the directory and the logger."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{owner} cannot create its log directory {path!r}: {exc.strerror}") from exc
+
+
+def atomic_write_text(path: str, text: str, owner: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + fsync + rename (never half-written)."""
+    directory = os.path.dirname(path) or "."
+    make_dirs(directory, owner)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"{owner} cannot write {path!r}: {exc.strerror}") from exc
+
+
+def write_hparams_json(path: str, params: Mapping[str, Any], owner: str) -> None:
+    """Save hyperparameters as JSON (values JSON cannot hold are written with ``str``)."""
+    atomic_write_text(path, json.dumps(dict(params), indent=2, sort_keys=True, default=str) + "\n", owner)
+
+
+def as_float(name: str, value: Any, owner: str) -> float:
+    """A metric value as a float; a ``TypeError`` names the metric when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{owner}.log_metrics: metric {name!r} = {value!r} is not a number") from exc

@@ -1,0 +1,195 @@
+"""``TensorBoardLogger``: scalars, histograms and hyperparameters as TensorBoard event files."""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from qtrainer.loggers import _log_dir
+from qtrainer.loggers.base import Logger
+
+__all__ = ["TensorBoardLogger"]
+
+_WRITER_IDS = itertools.count()  # makes every event file name unique (see ``experiment``)
+# The HParams plugin knows only UNKNOWN/SUCCESS/FAILURE/RUNNING: an interrupted run did not complete.
+_STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_FAILURE"}
+
+
+class TensorBoardLogger(Logger):
+    """Write TensorBoard event files (through tensorboardX) to ``save_dir/name/version_N``.
+
+    Nothing is created on disk until the first value is written. ``save`` makes everything
+    logged so far durable: tensorboardX's own flush does not drain its write queue, so the
+    writer is closed, and the next write opens a new event file in the same run. ``log_hyperparams`` writes
+    ``hparams.json`` and the HParams-plugin records into the run itself, so TensorBoard's HParams
+    tab shows each version as one session whose metric columns are the final values of every
+    scalar logged in it (the list is written by ``finalize``).
+
+    Args:
+        save_dir: parent directory of the logs; checked at construction (must be creatable/writable).
+        name: sub-directory for this experiment ("" for none).
+        version: None for the next free ``version_N``; an int ``N`` for ``version_N``; a str for
+            that directory name.
+        default_hp_metric: when hyperparameters are logged without metrics, log the placeholder
+            ``hp_metric = -1`` so the HParams tab has a column to fill (``self.log("hp_metric", x)``).
+        writer_kwargs: passed to ``tensorboardX.SummaryWriter`` (e.g. ``flush_secs``, ``max_queue``).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        name: str = "qtrainer_logs",
+        version: int | str | None = None,
+        default_hp_metric: bool = True,
+        **writer_kwargs: Any,
+    ) -> None:
+        owner = type(self).__name__
+        self._save_dir = _log_dir.check_save_dir(save_dir, owner)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{owner}(name={name!r}): name must be a str")
+        self._name = name or ""
+        self._version = _log_dir.check_version(version, owner)
+        self._default_hp_metric = default_hp_metric
+        self._writer_kwargs = writer_kwargs
+        self._writer = None
+        self._dirty = False
+        self._hparams: dict[str, Any] | None = None
+        self._session_open = False  # hyperparameters logged, end record not yet written
+        self._scalar_tags: dict[str, float] = {}  # tag -> last value
+        self._last_step = 0
+
+    # -- where ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = _log_dir.next_version(self.root_dir)
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.root_dir, _log_dir.version_dir_name(self.version))
+
+    @property
+    def experiment(self):
+        """The ``tensorboardX.SummaryWriter``, created (with its directory) on first use."""
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            _log_dir.make_dirs(self.log_dir, type(self).__name__)
+            # tensorboardX names event files by the second and opens them with "wb": a writer
+            # created in the same second as the previous one would truncate its file.
+            kwargs = dict(self._writer_kwargs)
+            kwargs["filename_suffix"] = f"{kwargs.get('filename_suffix', '')}.{os.getpid()}.{next(_WRITER_IDS):06d}"
+            self._writer = SummaryWriter(logdir=self.log_dir, **kwargs)
+        self._dirty = True
+        return self._writer
+
+    # -- writing -------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        owner = type(self).__name__
+        values = {k: _log_dir.as_float(k, v, owner) for k, v in metrics.items()}
+        if step is not None:
+            self._last_step = max(self._last_step, int(step))
+        writer = self.experiment
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+            self._scalar_tags[tag] = value
+
+    def log_histogram(self, tag: str, values: np.ndarray, step: int | None = None) -> None:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.size == 0:
+            raise ValueError(f"{type(self).__name__}.log_histogram({tag!r}): no values to draw")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{type(self).__name__}.log_histogram({tag!r}): values contain NaN or inf")
+        self.experiment.add_histogram(tag, array, step)
+
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        """Record ``params`` (nested dicts are flattened with ``/``) and, if given, final ``metrics``.
+
+        May be called again at the end of a fit with the final metrics: values already logged as
+        scalars with the same value are not repeated.
+        """
+        from tensorboardX.summary import hparams
+
+        owner = type(self).__name__
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{owner}.log_hyperparams: params must be a mapping, got {type(params).__name__}")
+        flat = _flatten(params)
+        _log_dir.write_hparams_json(os.path.join(self.log_dir, "hparams.json"), params, owner)
+        if flat != self._hparams or not self._session_open:
+            self._hparams = flat
+            self._session_open = True
+            _, session_start, _ = hparams(flat, {})
+            self.experiment.file_writer.add_summary(session_start)
+        if metrics:
+            fresh = {
+                k: v for k, v in metrics.items()
+                if self._scalar_tags.get(k) != _log_dir.as_float(k, v, owner)
+            }
+            if fresh:
+                self.log_metrics(fresh, step=self._last_step)
+        elif self._default_hp_metric and "hp_metric" not in self._scalar_tags:
+            self.log_metrics({"hp_metric": -1.0}, step=0)
+
+    def save(self) -> None:
+        """Put everything logged so far on disk (closes the writer; a later write reopens)."""
+        if self._writer is not None and self._dirty:
+            self._close()
+
+    def finalize(self, status: str) -> None:
+        """Write the HParams experiment and end records, then close (a later write reopens)."""
+        if self._session_open:
+            self._write_hparams_end(status)
+            self._session_open = False
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._dirty = False
+
+    def _write_hparams_end(self, status: str) -> None:
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+        from tensorboardX.proto.api_pb2 import Status
+        from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboardX.summary import hparams
+
+        experiment, _, _ = hparams(self._hparams, dict.fromkeys(self._scalar_tags, 0.0))
+        end = SessionEndInfo(status=Status.Value(_STATUS.get(status, "STATUS_UNKNOWN")))
+        content = HParamsPluginData(session_end_info=end, version=0).SerializeToString()
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content))
+        end_summary = Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=metadata)])
+        writer = self.experiment
+        writer.file_writer.add_summary(experiment)
+        writer.file_writer.add_summary(end_summary)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to ``a/b`` keys; values become bool, int, float or str."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif isinstance(value, np.generic):
+            flat[name] = value.item()
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,235 @@
+"""Trainer behaviour: loops, limits, validation schedule, clipping, loggers, and clear errors."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+from qtrainer import Callback, Module, Trainer
+from qtrainer.callbacks import EarlyStopping, ModelCheckpoint
+from qtrainer.checkpoint_io import CheckpointError
+from qtrainer.loggers import CSVLogger
+
+from helpers import TinyModule, make_loader, quiet_trainer_kwargs
+
+
+def test_fit_learns_and_reports_validation_metrics(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=6, seed=0))
+    trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False))
+    first, last = trainer.log_history[0], trainer.log_history[-1]
+    assert last["val_loss"] < first["val_loss"]
+    assert trainer.callback_metrics["val_acc"] >= 0.85
+    assert trainer.global_step == 6 * 8 and trainer.current_epoch == 6
+
+
+def test_max_steps_and_limits(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=5, limit_train_batches=0.5))
+    trainer.fit(tiny_module, make_loader())
+    assert trainer.global_step == 5 and trainer.num_training_batches == 4
+
+
+def test_val_check_interval_and_every_n_epoch(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=4, val_check_interval=0.5,
+                                             check_val_every_n_epoch=2, num_sanity_val_steps=0))
+    trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False))
+    val_steps = [r["step"] for r in trainer.log_history if "val_loss" in r]
+    assert val_steps == [12, 16, 28, 32]
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    class Sgd(TinyModule):
+        def configure_optimizers(self):
+            return paddle.optimizer.SGD(1.0, parameters=self.parameters())
+
+    paddle.seed(0)
+    module = Sgd()
+    before = [p.numpy().copy() for p in module.parameters()]
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1, gradient_clip_val=0.01))
+    trainer.fit(module, make_loader())
+    delta = math.sqrt(sum(float(((p.numpy() - b) ** 2).sum()) for p, b in zip(module.parameters(), before)))
+    assert 0 < delta <= 0.01 + 1e-6
+
+
+def test_callbacks_passed_to_fit_join_only_that_call(tmp_path, tiny_module):
+    class Counter(Callback):
+        calls = 0
+
+        def on_train_start(self, trainer, module):
+            Counter.calls += 1
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(tiny_module, make_loader(), callbacks=[Counter()])
+    trainer.fit(tiny_module, make_loader())
+    assert Counter.calls == 1 and not any(isinstance(c, Counter) for c in trainer.callbacks)
+
+
+def test_loaders_from_the_module_and_validate_test_predict(tmp_path):
+    class WithLoaders(TinyModule):
+        def train_dataloader(self):
+            return make_loader()
+
+        def val_dataloader(self):
+            return make_loader(shuffle=False)
+
+    paddle.seed(0)
+    module = WithLoaders()
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(module)
+    [val] = trainer.validate(module)
+    assert set(val) == {"val_loss", "val_acc"}
+    [test] = trainer.test(module, make_loader(shuffle=False))
+    assert "test_loss" in test
+    predictions = trainer.predict(module, make_loader(n=16, shuffle=False))
+    assert len(predictions) == 2 and list(predictions[0].shape) == [8, 2]
+
+
+def test_csv_logger_gets_step_and_epoch_metrics(tmp_path, tiny_module):
+    logger = CSVLogger(str(tmp_path))
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=4))
+    trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False))
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    assert [r["step"] for r in rows if r.get("val_loss")] == ["8", "16"]
+    assert [r["step"] for r in rows if r.get("train_loss_step")] == ["4", "8", "12", "16"]
+    assert len([r for r in rows if r.get("train_loss_epoch")]) == 2
+
+
+def test_default_logger_writes_tensorboard_events(tmp_path, tiny_module):
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=1, enable_progress_bar=False, num_threads=1)
+    trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False))
+    files = [f for _, _, fs in os.walk(trainer.log_dir) for f in fs]
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert any(f.endswith(".ckpt") for f in files)  # default ModelCheckpoint under log_dir
+
+
+def test_early_stopping_stops_training(tmp_path, tiny_module):
+    class Flat(TinyModule):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", paddle.to_tensor(1.0))
+
+    paddle.seed(0)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=20, callbacks=[EarlyStopping("val_loss", patience=2)]))
+    trainer.fit(Flat(), make_loader(), make_loader(shuffle=False))
+    assert trainer.current_epoch == 3
+
+
+# -- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_epochs=0), "max_epochs=0"),
+    (dict(max_steps=-1), "max_steps=-1"),
+    (dict(accumulate_grad_batches=0), "accumulate_grad_batches=0"),
+    (dict(precision="8-bit"), "precision='8-bit' is not supported; use one of"),
+    (dict(device="tpu"), "device='tpu' is not supported; use one of: auto, cpu, gpu"),
+    (dict(limit_train_batches=1.5), "limit_train_batches=1.5"),
+    (dict(val_check_interval=0.0), "val_check_interval=0.0"),
+])
+def test_bad_trainer_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(**quiet_trainer_kwargs(tmp_path, **kwargs))
+
+
+@pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="checks the message of a CPU-only build")
+def test_gpu_on_a_cpu_build_lists_what_is_available(tmp_path):
+    with pytest.raises(ValueError, match="sees no GPU.*available here: auto, cpu"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, device="gpu"))
+
+
+def test_unwritable_root_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot be created.*is not a directory"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, default_root_dir=str(blocker / "logs")))
+
+
+@pytest.mark.parametrize("returned, error, message", [
+    (None, ValueError, "returned None"),
+    ({"not_loss": 1}, ValueError, "a dict without a loss"),
+    ("vector", ValueError, r"loss of shape \[8\]"),
+    (3.0, TypeError, "loss of type float"),
+])
+def test_bad_training_step_returns(tmp_path, returned, error, message):
+    class Bad(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if returned == "vector":
+                return paddle.ones([8])
+            return returned
+
+    with pytest.raises(error, match=message):
+        Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1)).fit(Bad(), make_loader())
+
+
+def test_configure_optimizers_missing_or_wrong(tmp_path):
+    class NoOptim(Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.fc(batch[0]).mean()
+
+    with pytest.raises(NotImplementedError, match="must implement configure_optimizers"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1)).fit(NoOptim(), make_loader())
+
+    class WrongOptim(NoOptim):
+        def configure_optimizers(self):
+            return "adam"
+
+    with pytest.raises(TypeError, match="configure_optimizers returned str"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1)).fit(WrongOptim(), make_loader())
+
+
+def test_plain_layer_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(TypeError, match="ClassificationModule"):
+        Trainer(**quiet_trainer_kwargs(tmp_path)).fit(nn.Linear(8, 2), make_loader())
+
+
+def test_monitor_never_logged_lists_logged_metrics(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True,
+                                             callbacks=[ModelCheckpoint(dirpath=str(tmp_path), monitor="val_los")]))
+    with pytest.raises(Exception, match=r"val_los.*val_acc"):
+        trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False))
+
+
+def test_bad_checkpoints_are_named_and_never_overwrite_the_last_good_one(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(CheckpointError, match="missing.ckpt.*does not exist"):
+        trainer.fit(tiny_module, make_loader(), ckpt_path=str(tmp_path / "missing.ckpt"))
+    good = tmp_path / "good.ckpt"
+    trainer.fit(tiny_module, make_loader())
+    trainer.save_checkpoint(str(good))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated.ckpt.*truncated"):
+        trainer.fit(tiny_module, make_loader(), ckpt_path=str(truncated))
+    foreign = tmp_path / "foreign.ckpt"
+    paddle.save(tiny_module.state_dict(), str(foreign))
+    with pytest.raises(CheckpointError, match="not a qtrainer checkpoint"):
+        trainer.fit(tiny_module, make_loader(), ckpt_path=str(foreign))
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_writes_no_checkpoint(tmp_path):
+    class Diverging(TinyModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 3 else loss
+
+    ckpt_dir = tmp_path / "ckpt"
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True,
+                                             callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1,
+                                                                        save_top_k=-1)]))
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 0, batch 3 .global step 3"):
+        trainer.fit(Diverging(), make_loader())
+    assert sorted(os.listdir(ckpt_dir)) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"]
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(tiny_module, make_loader())
+    tiny_module.net[0].weight.set_value(np.full(tiny_module.net[0].weight.shape, np.inf, dtype="float32"))
+    with pytest.raises(FloatingPointError, match="non-finite values in .*net.0.weight"):
+        trainer.save_checkpoint(str(tmp_path / "bad.ckpt"))
+    assert not (tmp_path / "bad.ckpt").exists()
