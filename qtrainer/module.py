@@ -1,6 +1,7 @@
 """``Module``: a ``paddle.nn.Layer`` that knows how to train itself."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -32,6 +33,16 @@ class Module(nn.Layer):
     def trainer(self):
         """The Trainer running this module (None outside a run)."""
         return self._trainer
+
+    def __deepcopy__(self, memo: dict) -> "Module":
+        """Copy the module without its Trainer (a copy, e.g. for export, is not attached to a run)."""
+        if self._trainer is not None:
+            memo[id(self._trainer)] = None
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     # -- what subclasses implement --------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int):

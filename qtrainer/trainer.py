@@ -342,11 +342,14 @@ class Trainer:
         self._results.log(name, to_float(value, name), weight=weight, on_step=on_step, on_epoch=on_epoch,
                           prog_bar=prog_bar, logger=logger, reduce_fx=reduce_fx)
 
-    def _publish(self, values: dict[str, tuple[float, Any]], step: int | None, to_loggers: bool) -> dict[str, float]:
+    def _publish(self, values: dict[str, tuple[float, Any]], step: int | None, to_loggers: bool,
+                 extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Make metrics visible to callbacks and the progress bar; send them (and ``extra``) to the loggers."""
         metrics = {name: value for name, (value, _) in values.items()}
         self.callback_metrics.update(metrics)
         self.progress_bar_metrics.update({n: v for n, (v, e) in values.items() if e.prog_bar})
         logged = {n: v for n, (v, e) in values.items() if e.logger}
+        logged.update(extra or {})
         if to_loggers and logged:
             self.logged_metrics.update(logged)
             self.log_metrics(logged, step)
@@ -389,6 +392,24 @@ class Trainer:
                 callbacks: list[Callback] | None = None) -> list[Any]:
         """Run ``predict_step`` over the loader; return the list of its outputs."""
         return self._run("predict", model, callbacks, lambda: self._predict(dataloaders, ckpt_path))
+
+    def run_validation(self) -> dict[str, float]:
+        """Run the validation block now, from a callback during ``fit`` (e.g. after PTQ calibration).
+
+        Fires the validation hooks, publishes the metrics to callbacks and loggers and records them
+        in ``log_history``; returns them (empty when the fit has no validation data).
+        """
+        if self.state_stage != "fit" or self.module is None:
+            raise RuntimeError("Trainer.run_validation() is for callbacks during fit()")
+        if self.val_dataloaders is None or not self.num_val_batches:
+            return {}
+        results, context = self._results, self._log_context
+        try:
+            metrics = self._evaluation_epoch("validation", self.val_dataloaders, self.num_val_batches)
+        finally:
+            self._results, self._log_context = results, context
+        self._record_history(metrics)
+        return metrics
 
     def save_checkpoint(self, filepath: str) -> None:
         """Write a full checkpoint atomically (rank 0 writes; every rank waits for it)."""
@@ -647,8 +668,7 @@ class Trainer:
         self._call_hook("on_train_epoch_end")
         self._log_context = "train_step"
         epoch_values = self._train_results.epoch_values(self.strategy.all_reduce)
-        metrics = self._publish(epoch_values, self.global_step, to_loggers=True)
-        self.log_metrics({"epoch": float(self.current_epoch)}, self.global_step)
+        metrics = self._publish(epoch_values, self.global_step, to_loggers=True, extra={"epoch": float(self.current_epoch)})
         self._record_history(metrics)
         for config in self.lr_schedulers:
             if completed and config["interval"] == "epoch" and (self.current_epoch + 1) % config["frequency"] == 0:
