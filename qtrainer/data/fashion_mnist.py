@@ -1,18 +1,22 @@
 """Fashion-MNIST (70,000 real 28×28 grayscale images of 10 clothing classes), read locally.
 
-The files come from Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``)
+The files come from Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``),
+from Paddle's own dataset downloader (``download_fashion_mnist``, into ``~/.cache/paddle/dataset``),
 or any directory holding the four original ``*-ubyte.gz`` files (``root=`` or the
 ``QTRAINER_FASHION_MNIST`` environment variable).
 """
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 
 import numpy as np
 import paddle
 
-__all__ = ["CLASSES", "find_fashion_mnist", "load_fashion_mnist", "FashionMNISTDataset"]
+__all__ = ["CLASSES", "download_fashion_mnist", "find_fashion_mnist", "load_fashion_mnist", "FashionMNISTDataset"]
+
+logger = logging.getLogger(__name__)
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -35,6 +39,26 @@ def find_fashion_mnist(root: str | None = None) -> str:
         "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four *-ubyte.gz files "
         "in a directory and pass it as root= or set QTRAINER_FASHION_MNIST."
     )
+
+
+def download_fashion_mnist() -> str:
+    """Fetch the four files with Paddle's dataset downloader (needs the network); their directory.
+
+    Uses the URLs and MD5 sums of ``paddle.vision.datasets.FashionMNIST`` and the downloader it
+    uses (``paddle.dataset.common.download``), without parsing the images into PIL objects. Files
+    already downloaded with the right MD5 sum are reused without the network.
+    """
+    from paddle.dataset.common import download
+    from paddle.vision.datasets import FashionMNIST
+
+    files = [(FashionMNIST.TRAIN_IMAGE_URL, FashionMNIST.TRAIN_IMAGE_MD5),
+             (FashionMNIST.TRAIN_LABEL_URL, FashionMNIST.TRAIN_LABEL_MD5),
+             (FashionMNIST.TEST_IMAGE_URL, FashionMNIST.TEST_IMAGE_MD5),
+             (FashionMNIST.TEST_LABEL_URL, FashionMNIST.TEST_LABEL_MD5)]
+    paths = [download(url, FashionMNIST.NAME, md5) for url, md5 in files]
+    directory = os.path.dirname(paths[0])
+    logger.info("Fashion-MNIST downloaded by Paddle into %s", directory)
+    return directory
 
 
 def _read_idx(path: str, header_ints: int) -> np.ndarray:

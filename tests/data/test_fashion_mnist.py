@@ -20,3 +20,23 @@ def test_missing_data_says_what_to_install(tmp_path):
 def test_unknown_split():
     with pytest.raises(ValueError, match="use 'train' or 'test'"):
         load_fashion_mnist("val")
+
+
+def test_download_uses_paddles_downloader_and_urls(tmp_path, monkeypatch):
+    import paddle.dataset.common
+    from paddle.vision.datasets import FashionMNIST
+
+    from qtrainer.data import download_fashion_mnist
+
+    calls = []
+
+    def fake_download(url, module_name, md5sum, save_name=None):
+        calls.append((url, module_name, md5sum))
+        return str(tmp_path / module_name / url.rsplit("/", 1)[-1])
+
+    monkeypatch.setattr(paddle.dataset.common, "download", fake_download)
+    assert download_fashion_mnist() == str(tmp_path / FashionMNIST.NAME)
+    assert calls == [(FashionMNIST.TRAIN_IMAGE_URL, "fashion-mnist", FashionMNIST.TRAIN_IMAGE_MD5),
+                     (FashionMNIST.TRAIN_LABEL_URL, "fashion-mnist", FashionMNIST.TRAIN_LABEL_MD5),
+                     (FashionMNIST.TEST_IMAGE_URL, "fashion-mnist", FashionMNIST.TEST_IMAGE_MD5),
+                     (FashionMNIST.TEST_LABEL_URL, "fashion-mnist", FashionMNIST.TEST_LABEL_MD5)]

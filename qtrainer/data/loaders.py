@@ -1,0 +1,100 @@
+"""Train and val loaders over an ImageNet-style folder, single-process or one shard per rank.
+
+On several processes (``paddle.distributed.get_world_size() > 1``, or ``distributed=True``) the
+train loader uses ``paddle.io.DistributedBatchSampler`` (each rank a different shuffled shard;
+the Trainer calls its ``set_epoch`` so the shuffle changes each epoch) and the val loader gives
+each rank every ``world_size``-th image without padding, so the summed metrics count every val
+image exactly once. On one process they use ``paddle.io.BatchSampler``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import paddle
+from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
+
+from qtrainer.data.folder import ImageFolder
+from qtrainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
+
+__all__ = ["ShardSampler", "make_loaders"]
+
+logger = logging.getLogger(__name__)
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world_size, ...`` of a dataset, in order, without padding."""
+
+    def __init__(self, dataset, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank!r}: use 0 <= rank < world_size={world_size}")
+        self.num_samples, self.rank, self.world_size = len(dataset), rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: use a positive int")
+
+
+def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers: int = 0,
+                 distributed: bool | None = None, *, val_batch_size: int | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 train_scale: tuple[float, float] = (0.08, 1.0), on_bad_image: str = "error",
+                 train_split: str = "train", val_split: str = "val") -> tuple[DataLoader, DataLoader]:
+    """``(train_loader, val_loader)`` over ``root/train`` and ``root/val`` (see ``qtrainer.data.folder``).
+
+    Batches are ``[images float32 [B, 3, image_size, image_size], labels int64 [B]]``. The train
+    loader shuffles and drops the last incomplete batch; the val loader keeps order and every image.
+
+    Args:
+        root: the ImageNet-style folder.
+        image_size: the side of the square crops (train and val).
+        batch_size: the train batch size per process; ``val_batch_size`` defaults to it.
+        workers: loader worker processes per loader (0 decodes in the main process).
+        distributed: shard the data across ranks; ``None`` does when
+            ``paddle.distributed.get_world_size() > 1``.
+        mean, std: per-channel normalisation of ``[0, 1]`` pixels (ImageNet's by default).
+        train_scale: the area fraction range of the random resized crop.
+        on_bad_image: ``"error"`` or ``"skip"`` unreadable images (see ``ImageFolder``).
+    """
+    _positive_int("batch_size", batch_size)
+    val_batch_size = batch_size if val_batch_size is None else val_batch_size
+    _positive_int("val_batch_size", val_batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers={workers!r}: use an int >= 0 (0 loads in the main process)")
+    world_size = paddle.distributed.get_world_size()
+    rank = paddle.distributed.get_rank()
+    if distributed is None:
+        distributed = world_size > 1
+
+    train_set = ImageFolder(root, train_split, train_transform(image_size, mean, std, train_scale),
+                            on_bad_image=on_bad_image)
+    val_set = ImageFolder(root, val_split, val_transform(image_size, mean, std),
+                          classes=train_set.classes, on_bad_image=on_bad_image)
+    replicas = world_size if distributed else 1
+    if len(train_set) < batch_size * replicas:
+        raise ValueError(
+            f"{train_set.split_dir!r} has {len(train_set)} images, fewer than batch_size={batch_size} × "
+            f"{replicas} process(es): the train loader (which drops the last incomplete batch) would be empty; "
+            "lower batch_size")
+
+    if distributed:
+        train_sampler = DistributedBatchSampler(train_set, batch_size, num_replicas=world_size, rank=rank,
+                                                shuffle=True, drop_last=True)
+        val_sampler = BatchSampler(sampler=ShardSampler(val_set, rank, world_size),
+                                   batch_size=val_batch_size, drop_last=False)
+    else:
+        train_sampler = BatchSampler(train_set, shuffle=True, batch_size=batch_size, drop_last=True)
+        val_sampler = BatchSampler(val_set, shuffle=False, batch_size=val_batch_size, drop_last=False)
+    logger.info("data %s: %d train / %d val images, %d classes, %dpx, %s",
+                root, len(train_set), len(val_set), len(train_set.classes), image_size,
+                f"rank {rank} of {world_size}" if distributed else "one process")
+    train_loader = DataLoader(train_set, batch_sampler=train_sampler, num_workers=workers)
+    val_loader = DataLoader(val_set, batch_sampler=val_sampler, num_workers=workers)
+    return train_loader, val_loader
