@@ -1,0 +1,270 @@
+"""Fake quant-dequant with a straight-through gradient, and the ``FakeQuanter`` layer.
+
+``fake_quant(x, threshold, bits, axis=None)`` returns
+``clip(round(x / T * qmax), -qmax, qmax) * T / qmax`` (``T`` = ``threshold``, per tensor or per slice along ``axis``; rounding is half-to-even, like
+NumPy and oneDNN). Its gradient is the *clipped* straight-through estimator: ``dy/dx = 1`` where
+``|x| <= T`` and ``0`` outside. Values beyond the threshold are saturated in the forward pass (and
+in the deployed int8 model), so moving them changes nothing and their gradient is zeroed, as in
+PACT, LSQ and torch's ``FakeQuantize`` (Paddle's own fused ops pass the gradient everywhere).
+Inside the range the rounding is ignored (``d round(u)/du := 1``). No gradient flows to ``T``
+(observers set it; PACT trains its own ``alpha`` through its clipping, see ``pact.py``).
+
+Speed: fake quant is memory-bound, and on CPU each fresh multi-megabyte tensor costs page faults,
+so the dygraph path makes one new tensor (the clip, which also carries the gradient mask) and
+rounds it in place; weights quantized with their own abs max use Paddle's fused abs-max kernels.
+Under ``paddle.jit`` tracing the same function emits standard ops only.
+
+``FakeQuanter`` holds an ``Observer`` and two switches:
+
+* ``observe``: ``'train'`` (observe only in training mode: QAT), ``'always'`` (also in eval mode:
+  PTQ calibration, and weights, whose scale follows the current weight every forward), or
+  ``'never'`` (frozen scale).
+* ``quantize``: ``True`` to fake-quantize, ``False`` to pass the input through (PTQ calibration
+  observes only).
+
+So QAT training = observe + quantize; eval = frozen scale + quantize; calibration = observe only.
+"""
+from __future__ import annotations
+
+import logging
+
+import paddle
+from paddle import _C_ops  # direct kernels: clip without the wrapper, in-place scale by a Tensor
+from paddle.autograd import PyLayer
+from paddle.framework import in_dynamic_mode
+
+from qtrainer.quant.base import Observer, Quanter, qmax_for_bits
+from qtrainer.quant.observers import AbsMaxObserver, PerChannelAbsMaxObserver
+
+# Fused abs-max fake quant-dequant kernels (Paddle's own QAT ops), used for weights.
+_FUSED_ABS_MAX = getattr(_C_ops, "fake_quantize_dequantize_abs_max", None)
+_FUSED_CHANNEL = getattr(_C_ops, "fake_channel_wise_quantize_dequantize_abs_max", None)
+_ROUND_HALF_TO_EVEN = 0  # Paddle's round_type 0 (its clip range is [-qmax-1, qmax])
+
+__all__ = ["fake_quant", "fake_quant_reference", "FakeQuanter", "OBSERVE_MODES"]
+
+logger = logging.getLogger(__name__)
+
+OBSERVE_MODES = ("train", "always", "never")
+_QMAX = {bits: float(2 ** (bits - 1) - 1) for bits in range(2, 17)}  # checked by qmax_for_bits
+
+
+def _qmax(bits: int) -> float:
+    qmax = _QMAX.get(bits) if isinstance(bits, int) and not isinstance(bits, bool) else None
+    return qmax if qmax is not None else float(qmax_for_bits(bits))  # raises for bad bits
+
+
+def _broadcast_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def _normalise_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
+
+
+def fake_quant_reference(
+    x: paddle.Tensor, threshold: paddle.Tensor, bits: int, axis: int | None = None
+) -> paddle.Tensor:
+    """The forward value of ``fake_quant`` in plain Paddle ops, without gradient (for checks)."""
+    with paddle.no_grad():
+        return _fake_quant_plain(x, threshold, bits, axis).detach()
+
+
+def _fake_quant_plain(
+    x: paddle.Tensor, threshold: paddle.Tensor, bits: int, axis: int | None
+) -> paddle.Tensor:
+    """``fake_quant`` in standard ops only (traceable by ``paddle.jit``), same value and gradient
+    except exactly at ``|x| == T`` per channel (where the min/max gradient is 1/2)."""
+    qmax = float(qmax_for_bits(bits))
+    t = threshold.detach()
+    if axis is None:
+        clipped = paddle.clip(x, -t, t)
+    else:
+        t = t.reshape(_broadcast_shape(x.ndim, _normalise_axis(axis, x.ndim)))
+        clipped = paddle.minimum(paddle.maximum(x, -t), t)
+    quantized = paddle.round(clipped * (qmax / t)) * (t / qmax)
+    return clipped + (quantized - clipped).detach()
+
+
+class _MaskedIdentity(PyLayer):
+    """A copy of ``x`` whose gradient is masked to ``|x| <= t`` (``t`` broadcasts against ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x, t):
+        ctx.save_for_backward(x, t)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, t = ctx.saved_tensor()
+        return dy * (x.abs() <= t).astype(dy.dtype)
+
+
+def fake_quant(
+    x: paddle.Tensor,
+    threshold: paddle.Tensor,
+    bits: int,
+    axis: int | None = None,
+    in_range: bool = False,
+) -> paddle.Tensor:
+    """Quantize then dequantize ``x`` with threshold ``threshold`` (see the module docstring).
+
+    ``threshold`` has shape ``[1]`` for ``axis=None`` and ``[x.shape[axis]]`` otherwise.
+    ``in_range=True`` promises ``|x| <= threshold`` everywhere (e.g. the threshold is ``x``'s own
+    abs max), which lets the per-channel path skip the gradient mask.
+
+    Implementation: one differentiable op makes a new tensor whose gradient is the mask (a clip
+    per tensor; a masked copy per channel), then the rounding runs in place on that tensor,
+    outside autograd: four full-size passes, one allocation.
+    """
+    if not in_dynamic_mode():  # being traced (paddle.jit): standard ops only
+        return _fake_quant_plain(x, threshold, bits, axis)
+    qmax = _qmax(bits)
+    t = threshold.detach()
+    if axis is None:
+        out = _C_ops.clip(x, -t, t)  # paddle.clip's Python wrapper costs more than the op here
+        buf = out.detach()  # shares memory with out; in-place ops on it are not recorded
+        _C_ops.scale_(buf, qmax / t, 0.0, True)
+        buf.round_()
+        _C_ops.scale_(buf, t / qmax, 0.0, True)
+        return out
+    axis = _normalise_axis(axis, x.ndim)
+    tb = t.reshape(_broadcast_shape(x.ndim, axis))
+    out = x.clone() if in_range else _MaskedIdentity.apply(x, tb)
+    buf = out.detach()
+    buf.multiply_(qmax / tb)
+    buf.clip_(-qmax, qmax)
+    buf.round_()
+    buf.multiply_(tb / qmax)
+    return out
+
+
+class FakeQuanter(Quanter):
+    """An ``Observer`` plus fake quant-dequant; see the module docstring for the two switches.
+
+    If the quanter must quantize while its observer has never seen a tensor (a model evaluated
+    before any training batch), it observes that first input rather than quantize with a
+    meaningless scale, and logs it. ``record_clipping = True`` makes each quantizing forward of an
+    activation store the fraction of input values beyond the threshold in ``last_clip_fraction``
+    (a Tensor; costs two extra passes, so it is off by default and switched on only for logging
+    steps).
+    """
+
+    def __init__(self, observer: Observer, observe: str = "train", quantize: bool = True) -> None:
+        if not isinstance(observer, Observer):
+            raise TypeError(
+                f"FakeQuanter needs a qtrainer.quant.base.Observer, got {type(observer).__name__}"
+            )
+        super().__init__(quant_bits=observer.quant_bits, axis=observer.axis)
+        self.observer = observer
+        self.observe_mode = "train"
+        self.set_mode(observe=observe, quantize=quantize)
+        self.record_clipping = False
+        self.last_clip_fraction: paddle.Tensor | None = None
+        self._seen = False  # Python mirror of observer.has_observed(), to avoid syncs
+        self._fused_observe_quant = self._pick_fused_path()
+
+    def _pick_fused_path(self):
+        """Paddle's fused abs-max fake quant for a last-seen abs-max observer (weights).
+
+        One kernel computes the abs max (per tensor, or per channel along axis 0 or 1) and
+        quantizes with it; identical to observe-then-``fake_quant``, since every value is within
+        its own abs max (so the clipped straight-through gradient is the identity, which is the
+        kernel's gradient). The abs max is copied into the observer's buffer.
+        """
+        obs = self.observer
+        if getattr(obs, "accumulate", True):
+            return None
+        if type(obs) is AbsMaxObserver and _FUSED_ABS_MAX is not None:
+            return self._fused_per_tensor
+        if type(obs) is PerChannelAbsMaxObserver and obs.axis in (0, 1) and _FUSED_CHANNEL is not None:
+            return self._fused_per_channel
+        return None
+
+    def _fused_per_tensor(self, x: paddle.Tensor) -> paddle.Tensor:
+        out, scale = _FUSED_ABS_MAX(x, self.quant_bits, _ROUND_HALF_TO_EVEN)
+        self._store_absmax(scale.reshape([1]))
+        return out
+
+    def _fused_per_channel(self, x: paddle.Tensor) -> paddle.Tensor:
+        buf = self.observer._absmax()
+        if buf is None or buf.shape[0] != x.shape[self.axis]:
+            with paddle.no_grad():
+                self.observer.observe(x.detach())  # allocates / checks the buffer
+        out, scale = _FUSED_CHANNEL(x, self.quant_bits, _ROUND_HALF_TO_EVEN, self.axis)
+        self._store_absmax(scale)
+        return out
+
+    def _store_absmax(self, value: paddle.Tensor) -> None:
+        with paddle.no_grad():
+            paddle.assign(value.detach(), output=self.observer.absmax)
+        if not self._seen:  # Layer.__setattr__ is slow: set once
+            self._seen = True
+
+    def set_mode(self, observe: str | None = None, quantize: bool | None = None) -> "FakeQuanter":
+        """Change the observe mode (one of ``OBSERVE_MODES``) and/or the quantize switch."""
+        if observe is not None:
+            if observe not in OBSERVE_MODES:
+                raise ValueError(f"observe={observe!r} is not valid: use one of {OBSERVE_MODES}")
+            self.observe_mode = observe
+        if quantize is not None:
+            self.quantize_enabled = bool(quantize)
+        return self
+
+    def _observes_now(self) -> bool:
+        mode = self.observe_mode
+        return mode == "always" or (mode == "train" and self.training)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        observed_now = self._observes_now()
+        if observed_now:
+            if (
+                self.quantize_enabled
+                and self._fused_observe_quant is not None
+                and in_dynamic_mode()
+            ):
+                return self._fused_observe_quant(x)
+            with paddle.no_grad():
+                self.observer.observe(x.detach())
+            if not self._seen:  # Layer.__setattr__ is slow: set once
+                self._seen = True
+        elif not self._seen and self.quantize_enabled and in_dynamic_mode():
+            self._seen = self.observer.has_observed()  # e.g. loaded from a checkpoint
+            if not self._seen:
+                logger.warning(
+                    "%s quantizes before its observer saw any tensor; using this input's "
+                    "statistics as the scale",
+                    self.full_name(),
+                )
+                self.observer(x)
+                self._seen = True
+        if not self.quantize_enabled:
+            return x
+        threshold = self.observer.scale()
+        if self.record_clipping:
+            self.last_clip_fraction = _clip_fraction(x, threshold, self.axis)
+        # An abs-max observer that just saw x has a threshold >= |x| everywhere.
+        in_range = observed_now and getattr(self.observer, "bounds_observed", False)
+        return fake_quant(x, threshold, self.quant_bits, self.axis, in_range=in_range)
+
+    def scale(self) -> paddle.Tensor:
+        return self.observer.scale().detach()
+
+    def extra_repr(self) -> str:
+        return (
+            f"quant_bits={self.quant_bits}, axis={self.axis}, observe={self.observe_mode!r}, "
+            f"quantize={self.quantize_enabled}"
+        )
+
+
+def _clip_fraction(x: paddle.Tensor, threshold: paddle.Tensor, axis: int | None) -> paddle.Tensor:
+    """Fraction of ``x`` whose magnitude exceeds the threshold (a ``[1]``-shaped-or-scalar Tensor)."""
+    with paddle.no_grad():
+        t = threshold.detach()
+        if axis is not None:
+            t = t.reshape(_broadcast_shape(x.ndim, _normalise_axis(axis, x.ndim)))
+        return (x.detach().abs() > t).astype("float32").mean()
