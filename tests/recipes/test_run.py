@@ -1,0 +1,77 @@
+"""The recipe runner: bad input gets clear errors; a reduced end-to-end run on generated folders."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from recipes import run
+
+
+def write_folder(root, classes=("a", "b"), train=8, val=4, size=12):
+    rng = np.random.RandomState(0)
+    for split, count in (("train", train), ("val", val)):
+        for label, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 120 * label, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+def args(tmp_path, *extra):
+    return ["--out", str(tmp_path / "out"), "--image-size", "32", "--batch-size", "4", "--val-batches", "2",
+            "--threads", "1", *extra]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vgg16", "fp32"], "invalid choice: 'vgg16' (choose from 'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet50')"),
+    (["resnet18", "distill"], "invalid choice: 'distill' (choose from 'fp32', 'qat', 'ptq', 'dynamic', 'all')"),
+    (["resnet18", "fp32", "--width", "0.5"], "--width applies to MobileNets only"),
+])
+def test_unknown_arch_method_or_option_lists_the_choices(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_data_that_is_not_imagenet_style_says_what_layout_is_expected(tmp_path):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(Exception, match="train"):
+        run.main(["mobilenet_v1", "fp32", "--data", str(tmp_path / "flat"), *args(tmp_path)])
+    with pytest.raises(Exception, match="does not exist|not found|no such"):
+        run.main(["mobilenet_v1", "fp32", "--data", str(tmp_path / "missing"), *args(tmp_path)])
+
+
+def test_quantizing_without_fp32_weights_requires_from_scratch(tmp_path):
+    data = write_folder(tmp_path / "data")
+    with pytest.raises(SystemExit, match="needs FP32 weights.*--from-scratch"):
+        run.main(["resnet18", "qat", "--data", data, *args(tmp_path)])
+
+
+def test_pretrained_file_of_another_architecture_names_the_keys(tmp_path):
+    data = write_folder(tmp_path / "data")
+    path = str(tmp_path / "mbv1.pdparams")
+    paddle.save(paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=2).state_dict(), path)
+    with pytest.raises(SystemExit, match=r"does not match resnet18.*missing \['bn1"):
+        run.main(["resnet18", "dynamic", "--data", data, "--pretrained", path, *args(tmp_path)])
+
+
+def test_fp32_then_qat_and_dynamic_end_to_end(tmp_path):
+    data = write_folder(tmp_path / "data")
+    common = ["--data", data, "--width", "0.25", *args(tmp_path)]
+    run.main(["mobilenet_v1", "fp32", "--max-steps", "3", *common])
+    run.main(["mobilenet_v1", "qat", "--qat-max-steps", "2", *common])
+    summary = run.main(["mobilenet_v1", "dynamic", *common])
+    assert set(summary) == {"fp32", "qat", "dynamic"}
+    qat = json.load(open(tmp_path / "out" / "mobilenet_v1" / "qat" / "results.json"))
+    assert qat["images"] == 8 and qat["agreement_top1"] >= 0.75
+    # every layer the export kept in int8 really runs int8 in Paddle Inference
+    assert sum(qat["int8_ops"].values()) == len(qat["export_check"]["int8_layers"]) > 0
+    dynamic = json.load(open(tmp_path / "out" / "mobilenet_v1" / "dynamic" / "results.json"))
+    assert dynamic["params_ratio"] <= 0.35  # BatchNorm parameters stay float in this narrow model
+    assert os.path.isdir(tmp_path / "out" / "mobilenet_v1" / "qat" / "version_0")  # TensorBoard run
