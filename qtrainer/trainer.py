@@ -21,6 +21,7 @@ from qtrainer import __version__
 from qtrainer.callbacks.base import Callback
 from qtrainer.checkpoint_io import FORMAT_VERSION, CheckpointError, load_checkpoint_file, save_checkpoint_file
 from qtrainer.device import default_num_threads, resolve_device, resolve_precision, set_num_threads
+from qtrainer.distributed import agree_on_batches, resolve_strategy
 from qtrainer.hooks import MODULE_HOOKS
 from qtrainer.loggers.base import Logger
 from qtrainer.module import Module
@@ -109,6 +110,11 @@ class Trainer:
             ``ModelCheckpoint`` when none is given.
         default_root_dir: where logs and checkpoints go (default: the working directory).
         log_every_n_steps: how often per-step metrics are sent to the loggers.
+        strategy: ``"auto"`` (data-parallel under ``paddle.distributed.launch`` or with
+            ``devices > 1``), ``"ddp"``, ``"single_device"``, or a ``qtrainer.strategy`` instance
+            (see ``qtrainer.distributed`` for launching several processes).
+        devices: processes on this node: an int, or ``"auto"``. Without a launcher,
+            ``devices=N > 1`` makes ``fit``/``validate``/``test`` spawn ``N`` processes.
     """
 
     def __init__(
@@ -136,7 +142,8 @@ class Trainer:
         enable_checkpointing: bool = True,
         default_root_dir: str | None = None,
         log_every_n_steps: int = 50,
-        strategy: Any = None,
+        strategy: Any = "auto",
+        devices: int | str = "auto",
     ) -> None:
         _check_positive_int("max_epochs", max_epochs)
         _check_positive_int("max_steps", max_steps)
@@ -177,7 +184,7 @@ class Trainer:
         self.num_threads = num_threads
         self.seed = seed
         self.log_every_n_steps = log_every_n_steps
-        self.strategy = strategy if strategy is not None else SingleProcess()
+        self.strategy: SingleProcess = resolve_strategy(strategy, devices, self.device)
 
         self.default_root_dir = os.path.abspath(default_root_dir or os.getcwd())
         _check_writable_dir(self.default_root_dir)
@@ -376,21 +383,29 @@ class Trainer:
             callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> None:
         """Train ``model``; ``callbacks`` join the Trainer's for this call; ``ckpt_path`` resumes
         (``"last"`` = the newest checkpoint of this Trainer's checkpoint callbacks)."""
+        if self.strategy.needs_spawn:
+            return self._spawn("fit", model, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
+                               callbacks=callbacks, ckpt_path=ckpt_path)
         self._run("fit", model, callbacks, lambda: self._fit(train_dataloaders, val_dataloaders, ckpt_path))
 
     def validate(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
                  callbacks: list[Callback] | None = None) -> list[dict[str, float]]:
         """Run the validation loop once; return ``[metrics]``."""
+        if self.strategy.needs_spawn:
+            return self._spawn("validate", model, dataloaders=dataloaders, ckpt_path=ckpt_path, callbacks=callbacks)
         return self._run("validate", model, callbacks, lambda: self._evaluate("validation", dataloaders, ckpt_path))
 
     def test(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
              callbacks: list[Callback] | None = None) -> list[dict[str, float]]:
         """Run the test loop once; return ``[metrics]``."""
+        if self.strategy.needs_spawn:
+            return self._spawn("test", model, dataloaders=dataloaders, ckpt_path=ckpt_path, callbacks=callbacks)
         return self._run("test", model, callbacks, lambda: self._evaluate("test", dataloaders, ckpt_path))
 
     def predict(self, model: Module, dataloaders: Iterable | None = None, ckpt_path: str | None = None,
                 callbacks: list[Callback] | None = None) -> list[Any]:
-        """Run ``predict_step`` over the loader; return the list of its outputs."""
+        """Run ``predict_step`` over the loader; return the list of its outputs (in this process
+        when the Trainer would otherwise spawn processes)."""
         return self._run("predict", model, callbacks, lambda: self._predict(dataloaders, ckpt_path))
 
     def run_validation(self) -> dict[str, float]:
@@ -412,14 +427,38 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, filepath: str) -> None:
-        """Write a full checkpoint atomically (rank 0 writes; every rank waits for it)."""
+        """Write a full checkpoint atomically (rank 0 writes; every rank must call this and waits for it)."""
+        train_results = self._train_results_state()
         if self.is_global_zero:
             checkpoint = self._dump_checkpoint()
+            checkpoint["train_results"] = train_results
             _check_finite_weights(checkpoint["state_dict"], filepath)
             save_checkpoint_file(checkpoint, filepath)
         self.strategy.barrier()
 
+    def _train_results_state(self) -> dict[str, Any]:
+        """The epoch's training-metric sums so far, over all ranks (a resumed rank 0 continues from them)."""
+        state = self._train_results.state_dict()
+        if self.world_size == 1:
+            return state
+        for name in sorted(state):
+            entry = state[name]
+            sums = self.strategy.all_reduce(np.array([entry["total"], entry["weight"]], dtype=np.float64), "sum")
+            entry["total"], entry["weight"] = float(sums[0]), float(sums[1])
+            if entry["reduce_fx"] in ("max", "min"):
+                value = self.strategy.all_reduce(np.array([entry["extreme"]], dtype=np.float64), entry["reduce_fx"])
+                entry["extreme"] = float(value[0])
+        return state
+
     # -- run skeleton --------------------------------------------------------------------
+    def _spawn(self, stage: str, model: Module, **kwargs: Any) -> Any:
+        """Run ``stage`` on the processes the strategy spawns (see ``qtrainer.distributed``)."""
+        from qtrainer.distributed import spawn_run
+
+        if not isinstance(model, Module):
+            raise TypeError(f"Trainer.{stage} needs a qtrainer.Module, got {type(model).__name__}")
+        return spawn_run(self, stage, model, kwargs)
+
     def _run(self, stage: str, model: Module, extra_callbacks: list[Callback] | None, body: Callable[[], Any]) -> Any:
         if not isinstance(model, Module):
             raise TypeError(
@@ -433,9 +472,10 @@ class Trainer:
         self.callbacks = self._ordered(own_callbacks + list(extra_callbacks or []))
         self.module, model._trainer = model, self
         self.state_stage, self.failed, self.should_stop = stage, False, False
-        self.strategy.setup()
+        self.device = self.strategy.setup(self.device)
         paddle.set_device(self.device)
-        set_num_threads(self.num_threads or default_num_threads())
+        set_num_threads(self.num_threads or default_num_threads(self.strategy.local_world_size))
+        self._share_logger_versions()
         if self.seed is not None:
             seed_everything(self.seed)
         status = "failed"
@@ -462,12 +502,25 @@ class Trainer:
                 self.callbacks = own_callbacks
                 self._results = None
 
+    def _share_logger_versions(self) -> None:
+        """Every rank logs (and checkpoints) under rank 0's ``version`` directory."""
+        if self.world_size == 1 or not self.loggers:
+            return
+        versions = self.strategy.broadcast_object([logger.version if self.is_global_zero else None
+                                                   for logger in self.loggers])
+        for logger, version in zip(self.loggers, versions):
+            if hasattr(logger, "_version"):
+                logger._version = version
+
     def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None, ckpt_path: str | None) -> None:
         module = self.module
         train_loader = train_dataloaders if train_dataloaders is not None else module.train_dataloader()
         if train_loader is None:
             raise ValueError("no training data: pass train_dataloaders to fit() or define train_dataloader() on the module")
         val_loader = val_dataloaders if val_dataloaders is not None else module.val_dataloader()
+        train_loader = self.strategy.prepare_dataloader(train_loader, "train")
+        if val_loader is not None:
+            val_loader = self.strategy.prepare_dataloader(val_loader, "validation")
         self.train_dataloader, self.val_dataloaders = train_loader, val_loader
 
         checkpoint = None
@@ -485,12 +538,15 @@ class Trainer:
         if checkpoint is not None:
             self._restore_training_state(checkpoint)
 
-        self.num_training_batches = self._limited_length(train_loader, self.limit_train_batches, "limit_train_batches")
+        self.num_training_batches = agree_on_batches(
+            self.strategy, "train", self._limited_length(train_loader, self.limit_train_batches, "limit_train_batches"))
         if self.num_training_batches == 0:
             raise ValueError("the training loader yields no batches (empty dataset or limit_train_batches=0)")
         self.num_val_batches = (
             self._limited_length(val_loader, self.limit_val_batches, "limit_val_batches") if val_loader is not None else 0
         )
+        if val_loader is not None:
+            self.num_val_batches = agree_on_batches(self.strategy, "validation", self.num_val_batches)
         if self.is_global_zero:
             hparams = getattr(module, "hparams", None)
             if hparams:
@@ -591,8 +647,11 @@ class Trainer:
         self._current_batch_size = _batch_size(batch)
         batch = _to_device(batch, self.device)
         self._call_hook("on_train_batch_start", batch, batch_idx)
+        last_batch = batch_idx + 1 == self.num_training_batches
+        # gradients are reduced across ranks only on the micro-batch that steps the optimizer
+        sync = self._accumulated + 1 >= self.accumulate_grad_batches or last_batch
         with self.precision.autocast():
-            outputs = module.training_step(batch, batch_idx)
+            outputs = self.strategy.training_step(self.model, batch, batch_idx, sync_gradients=sync)
         loss = self._extract_loss(outputs)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
@@ -606,7 +665,6 @@ class Trainer:
         (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
         self._call_hook("on_after_backward")
         self._accumulated += 1
-        last_batch = batch_idx + 1 == self.num_training_batches
         stepped = False
         if self._accumulated >= self.accumulate_grad_batches or last_batch:
             self._optimizer_step()
@@ -737,8 +795,10 @@ class Trainer:
         if ckpt_path is not None:
             path = self._resolve_ckpt_path(ckpt_path)
             self._restore_module(load_checkpoint_file(path), path, hooks=False)
+        loader = self.strategy.prepare_dataloader(loader, stage)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
         num_batches = self._limited_length(loader, limit, "limit_val_batches" if stage == "validation" else "limit_test_batches")
+        num_batches = agree_on_batches(self.strategy, stage, num_batches)
         if stage == "validation":
             self.num_val_batches = num_batches
         else:
@@ -879,7 +939,10 @@ class Trainer:
         if self.grad_scaler is not None and checkpoint.get("grad_scaler"):
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         if self._resume and self._resume["batches_done"]:
-            self._train_results.load_state_dict(checkpoint["train_results"])
+            if self.is_global_zero:  # the saved sums are over all ranks: the others start from zero
+                self._train_results.load_state_dict(checkpoint["train_results"])
+            else:
+                self._train_results.reset()
         self._running_loss = deque(checkpoint.get("running_loss", []), maxlen=_RUNNING_LOSS_WINDOW)
 
 

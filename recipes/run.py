@@ -68,6 +68,12 @@ class Settings:
     train_limit: int | None
     seed: int
     threads: int | None
+    check_time_limit: float = 300.0
+
+    @property
+    def export_kwargs(self) -> dict[str, Any]:
+        """Recipes write the export even when its self-check fails, and report the check's verdict."""
+        return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1}
 
     @property
     def run_dir(self) -> str:
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--dynamic-bits", type=int, default=8, choices=(8, 16), help="weight bits of dynamic quantization")
     parser.add_argument("--val-batches", type=int, help="evaluate on the first N validation batches only")
     parser.add_argument("--train-limit", type=int, help="Fashion-MNIST only: use the first N training images per class")
+    parser.add_argument("--check-time-limit", type=float, default=300.0,
+                        help="seconds the export's self-check may spend finding layers that must stay float")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     args = parser.parse_args(argv)
@@ -131,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         calib_batches=pick(args.calib_batches, defaults.calib_batches), optimizer=defaults.optimizer,
         pretrained=args.pretrained, from_scratch=args.from_scratch, pact=args.pact, weight_bits=args.weight_bits,
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
-        train_limit=args.train_limit, seed=args.seed, threads=args.threads,
+        train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
     )
 
 
@@ -282,7 +290,7 @@ def run_qat(s: Settings, loaders) -> dict[str, Any]:
     if s.pact:
         config["activation_preprocess_type"] = "PACT"
     export_dir = os.path.join(s.method_dir("qat"), "export")
-    callback = QATCallback(config, export_dir=export_dir, input_spec=input_spec(s))
+    callback = QATCallback(config, export_dir=export_dir, input_spec=input_spec(s), export_kwargs=s.export_kwargs)
     trainer = make_trainer(s, "qat", s.qat_epochs, s.qat_max_steps)
     start = time.perf_counter()
     trainer.fit(_module(s, net, s.qat_lr), train, val, callbacks=[callback])
@@ -300,7 +308,7 @@ def run_ptq(s: Settings, loaders) -> dict[str, Any]:
     net, source = initial_net(s, num_classes, "ptq")
     export_dir = os.path.join(s.method_dir("ptq"), "export")
     callback = PTQCallback({"activation_quantizer": s.calibrator}, calib_batches=s.calib_batches,
-                           export_dir=export_dir, input_spec=input_spec(s))
+                           export_dir=export_dir, input_spec=input_spec(s), export_kwargs=s.export_kwargs)
     trainer = make_trainer(s, "ptq", 1, None)
     start = time.perf_counter()
     trainer.fit(_module(s, net, s.fp32_lr), train, val, callbacks=[callback])

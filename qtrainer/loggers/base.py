@@ -13,7 +13,8 @@ class Logger:
 
     The Trainer calls ``log_metrics`` with plain floats, ``log_hyperparams`` once per fit, and
     ``finalize`` at the end of every run (``status`` is ``"success"``, ``"failed"`` or
-    ``"interrupted"``). ``log_histogram`` is optional: loggers that cannot draw histograms ignore it.
+    ``"interrupted"``). ``log_histogram`` and ``log_histogram_raw`` are optional: loggers that
+    cannot draw histograms ignore them.
     Only rank 0 writes; the Trainer does not call loggers on other ranks.
     """
 
@@ -38,6 +39,13 @@ class Logger:
 
     def log_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         pass
+
+    def log_histogram_raw(self, tag: str, bin_edges: np.ndarray, counts: np.ndarray, step: int) -> None:
+        """An already-binned histogram: ``counts[i]`` values in ``[bin_edges[i], bin_edges[i + 1])``.
+
+        Optional, like ``log_histogram`` (used for histograms kept as counts, e.g. PTQ activation
+        histograms, whose values are not stored).
+        """
 
     def save(self) -> None:
         pass

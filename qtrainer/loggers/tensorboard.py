@@ -117,6 +117,41 @@ class TensorBoardLogger(Logger):
             raise ValueError(f"{type(self).__name__}.log_histogram({tag!r}): values contain NaN or inf")
         self.experiment.add_histogram(tag, array, step)
 
+    def log_histogram_raw(self, tag: str, bin_edges: np.ndarray, counts: np.ndarray, step: int | None = None) -> None:
+        """Draw counts already binned (``len(bin_edges) == len(counts) + 1``, edges increasing).
+
+        TensorBoard's summary also needs the values' min, max, sum and sum of squares; they are
+        estimated from the bins (min/max: the outer edges of the non-empty bins; sums: bin centres).
+        """
+        owner = type(self).__name__
+        edges = np.asarray(bin_edges, dtype=np.float64).reshape(-1)
+        weights = np.asarray(counts, dtype=np.float64).reshape(-1)
+        if weights.size == 0 or edges.size != weights.size + 1:
+            raise ValueError(
+                f"{owner}.log_histogram_raw({tag!r}): needs len(bin_edges) == len(counts) + 1 >= 2, got "
+                f"{edges.size} edges and {weights.size} counts"
+            )
+        if not (np.all(np.isfinite(edges)) and np.all(np.isfinite(weights))):
+            raise ValueError(f"{owner}.log_histogram_raw({tag!r}): edges or counts contain NaN or inf")
+        if np.any(np.diff(edges) <= 0) or np.any(weights < 0):
+            raise ValueError(f"{owner}.log_histogram_raw({tag!r}): edges must increase and counts be >= 0")
+        nonzero = np.flatnonzero(weights)
+        if nonzero.size == 0:
+            raise ValueError(f"{owner}.log_histogram_raw({tag!r}): no values to draw (all counts are 0)")
+        first, last = int(nonzero[0]), int(nonzero[-1]) + 1
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        self.experiment.add_histogram_raw(
+            tag,
+            min=float(edges[first]),
+            max=float(edges[last]),
+            num=float(weights.sum()),
+            sum=float(np.sum(weights * centres)),
+            sum_squares=float(np.sum(weights * centres**2)),
+            bucket_limits=edges[first + 1:last + 1].tolist(),
+            bucket_counts=weights[first:last].tolist(),
+            global_step=step,
+        )
+
     def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         """Record ``params`` (nested dicts are flattened with ``/``) and, if given, final ``metrics``.
 

@@ -15,11 +15,15 @@ from qtrainer.quant.calibrators import (
     make_activation_calibrator,
 )
 from qtrainer.quant.config import SUPPORTED_LAYER_TYPES, QuantConfig
+from qtrainer.quant.export import ExportCheckError, ExportReport, export_quantized_model
 from qtrainer.quant.dynamic import quant_post_dynamic, quantize_dygraph_weights
 from qtrainer.quant.fuse import find_conv_bn_pairs, fuse_conv_bn
 from qtrainer.quant.observers import AbsMaxObserver, MovingAverageAbsMaxObserver, PerChannelAbsMaxObserver
 from qtrainer.quant.pact import PACT, PACTQuanter
 from qtrainer.quant.qat import QAT
+from qtrainer.quant.ptq import PTQ, calibrate, freeze
+from qtrainer.quant.ptq_callback import PTQCallback
+from qtrainer.quant.ptq_report import build_ptq_report
 from qtrainer.quant.qat_callback import QATCallback
 from qtrainer.quant.quanters import FakeQuanter, fake_quant
 from qtrainer.quant.stats import collect_quant_stats, flatten_for_logging, record_activation_clipping
@@ -33,7 +37,8 @@ from qtrainer.quant.wrap import (
 )
 
 __all__ = [
-    "QAT", "QATCallback", "quant_post_dynamic", "quantize_dygraph_weights",
+    "QAT", "QATCallback", "PTQ", "PTQCallback", "calibrate", "freeze", "build_ptq_report", "quant_post_dynamic", "quantize_dygraph_weights",
+    "export_quantized_model", "ExportReport", "ExportCheckError",
     "QuantConfig", "SUPPORTED_LAYER_TYPES", "quantize_model", "iter_quanted_layers", "quant_sync_modes",
     "QuantedLayer", "QuantedConv2D", "QuantedLinear", "FakeQuanter", "fake_quant", "Observer", "Quanter",
     "AbsMaxObserver", "MovingAverageAbsMaxObserver", "PerChannelAbsMaxObserver", "PACT", "PACTQuanter",

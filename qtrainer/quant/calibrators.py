@@ -111,8 +111,10 @@ def kl_threshold(hist: np.ndarray, bin_width: float, quant_bits: int = 8) -> flo
     """Entropy calibration: the threshold whose quantized distribution is closest to the data.
 
     ``hist`` counts ``|x|`` in equal bins of ``bin_width``. A candidate keeps the first ``i``
-    bins (threshold ``T = i * bin_width``), for every ``i`` from ``qmax`` to the last non-empty
-    bin. The reference distribution ``P`` is the first ``i`` bins with the counts beyond ``T``
+    bins (threshold ``T = i * bin_width``), for every ``i`` from half the histogram (the number of
+    bins up to the last non-empty one, halved, as Paddle's ``cal_kl_threshold`` does; at least
+    ``qmax``) to the last non-empty bin: lower candidates let a dense spike (e.g. a normalised
+    image's background) become the threshold and clip most of the range. The reference distribution ``P`` is the first ``i`` bins with the counts beyond ``T``
     added to bin ``i - 1`` (clipping). The quantized distribution ``Q`` merges the same ``i``
     bins (without the outliers) into ``qmax`` groups of (almost) equal width, one per positive
     integer level, and spreads each group's count evenly over the group's bins that are non-empty
@@ -134,7 +136,7 @@ def kl_threshold(hist: np.ndarray, bin_width: float, quant_bits: int = 8) -> flo
         hlogh = np.where(counts > 0, counts * np.log(counts), 0.0)
     cum_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
 
-    cand = np.arange(levels, last + 1)  # bins kept
+    cand = np.arange(max(levels, (last - 1) // 2), last + 1)  # bins kept
     edges = (np.arange(levels + 1)[None, :] * cand[:, None]) // levels  # [K, levels + 1]
     group_sum = cum[edges[:, 1:]] - cum[edges[:, :-1]]  # counts of Q per group (no outliers)
     group_nz = (nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]).astype(np.float64)

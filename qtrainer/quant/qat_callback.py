@@ -8,8 +8,10 @@ from typing import Any
 from qtrainer.callbacks.base import Callback
 from qtrainer.quant.config import QuantConfig
 from qtrainer.quant.log_stats import log_quant_stats
+from qtrainer.quant.pact import PACT
 from qtrainer.quant.samples import first_inputs, input_spec_for
 from qtrainer.quant.stats import record_activation_clipping
+from qtrainer.quant.sync import SYNC_MODES, QuantStateSync, scale_spread_metrics
 from qtrainer.quant.wrap import iter_quanted_layers, quantize_model
 
 __all__ = ["QATCallback"]
@@ -27,6 +29,11 @@ class QATCallback(Callback):
       parameters such as PACT's α are trained and the quantization state (scales, moving-average
       accumulators, α) travels in every checkpoint with the weights — a resumed run continues
       exactly. A module that is already quantized (a second ``fit``) is left as it is.
+    * after every training batch of a data-parallel run (``trainer.world_size > 1``): makes the
+      quantization state identical on every rank (``qtrainer.quant.sync.QuantStateSync``:
+      moving-average scales and their accumulators, abs-max scales, PACT α), so every rank
+      trains against the same quantizers and the export holds what all ranks saw; the spread of
+      each scale across ranks before that is logged as ``quant/scale_spread/<layer>...``.
     * every ``trainer.log_every_n_steps`` optimizer steps and at each epoch end: logs per-layer
       statistics under ``quant/<layer>/...`` (activation scale, PACT α, fraction of values
       clipped, weight SQNR, weight-scale histograms) to the trainer's loggers.
@@ -43,6 +50,10 @@ class QATCallback(Callback):
         check_batches: batches used by the export's self-check.
         log_stats: log the scale statistics.
         export_kwargs: more arguments for ``export_quantized_model``.
+        sync: how ranks combine scales in a data-parallel run: ``"auto"`` (max for abs-max
+            scales, mean for moving averages and PACT α), ``"mean"``, ``"max"`` (a moving average
+            then equals the one-process run on the global batch), or None to leave each rank
+            its own state (not recommended; for comparison).
     """
 
     def __init__(
@@ -58,7 +69,10 @@ class QATCallback(Callback):
         check_batches: int = 4,
         log_stats: bool = True,
         export_kwargs: dict[str, Any] | None = None,
+        sync: str | None = "auto",
     ) -> None:
+        if sync is not None and sync not in SYNC_MODES:
+            raise ValueError(f"QATCallback(sync={sync!r}): use one of {', '.join(map(repr, SYNC_MODES))} or None")
         self.config = QuantConfig.from_dict(config)
         self.user_classes = dict(weight_preprocess=weight_preprocess, act_preprocess=act_preprocess,
                                  weight_quantize=weight_quantize, act_quantize=act_quantize)
@@ -69,6 +83,8 @@ class QATCallback(Callback):
         self.export_kwargs = dict(export_kwargs or {})
         self.export_report = None
         self.quantized_layers: list[str] = []
+        self.sync = sync
+        self._sync: QuantStateSync | None = None
 
     @property
     def state_key(self) -> str:
@@ -80,10 +96,23 @@ class QATCallback(Callback):
         if existing:
             self.quantized_layers = existing
             log.info("module already quantized (%d layers); QATCallback leaves it as it is", len(existing))
+        else:
+            quanted = quantize_model(module, self.config, **self.user_classes)
+            self.quantized_layers = [name for name, _ in quanted]
+            log.info("QAT: quantized %d layers", len(self.quantized_layers))
+        self._allow_unused_parameters(trainer, module)
+
+    @staticmethod
+    def _allow_unused_parameters(trainer, module) -> None:
+        """A data-driven PACT α gets no gradient during its warm-up and one afterwards; DataParallel
+        must then look for unused parameters each step (it refuses a parameter that starts to get
+        gradients otherwise)."""
+        strategy = getattr(trainer, "strategy", None)
+        if getattr(trainer, "world_size", 1) == 1 or getattr(strategy, "find_unused_parameters", True):
             return
-        quanted = quantize_model(module, self.config, **self.user_classes)
-        self.quantized_layers = [name for name, _ in quanted]
-        log.info("QAT: quantized %d layers", len(self.quantized_layers))
+        if any(isinstance(sub, PACT) and sub.observer is not None for sub in module.sublayers()):
+            strategy.find_unused_parameters = True
+            log.info("QAT: PACT α follows the data during its warm-up, so DataParallel looks for unused parameters")
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "quantized_layers": list(self.quantized_layers)}
@@ -101,8 +130,18 @@ class QATCallback(Callback):
         if self._logging_step_next(trainer):
             record_activation_clipping(module, True)
 
+    def on_train_start(self, trainer, module) -> None:
+        self._sync = None
+        if self.sync is not None and trainer.world_size > 1:
+            self._sync = QuantStateSync(module, trainer.strategy.all_gather, mode=self.sync)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.log_stats and trainer.loggers and trainer.global_step % trainer.log_every_n_steps == 0:
+        log_now = self.log_stats and trainer.loggers and trainer.global_step % trainer.log_every_n_steps == 0
+        if self._sync is not None:
+            spreads = self._sync()
+            if log_now:
+                trainer.log_metrics(scale_spread_metrics(spreads))
+        if log_now:
             log_quant_stats(trainer, module)
         record_activation_clipping(module, False)
 

@@ -170,7 +170,7 @@ def _brute_kl(counts: np.ndarray, width: float, qmax: int) -> float:
     last = int(np.flatnonzero(counts)[-1]) + 1
     counts = counts[:last]
     best_kl, best_i = np.inf, None
-    for i in range(qmax, last + 1):
+    for i in range(max(qmax, (last - 1) // 2), last + 1):
         p = counts[:i].copy()
         p[i - 1] += counts[i:].sum()
         q = np.zeros(i)

@@ -25,7 +25,7 @@ def write_folder(root, classes=("a", "b"), train=8, val=4, size=12):
 
 def args(tmp_path, *extra):
     return ["--out", str(tmp_path / "out"), "--image-size", "32", "--batch-size", "4", "--val-batches", "2",
-            "--threads", "1", *extra]
+            "--threads", "1", "--check-time-limit", "20", *extra]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,376 @@
+"""Data-parallel plumbing: choosing the strategy, sharding loaders, and spawning processes.
+
+Two ways to run on several processes, with the same script:
+
+* ``python -m paddle.distributed.launch --nproc_per_node N train.py`` (add ``--nnodes M
+  --master IP:PORT`` on each node for several machines). Every process runs the whole script;
+  ``Trainer()`` notices the launcher's environment and trains data-parallel (``DDPStrategy``).
+* ``Trainer(strategy="ddp", devices=N)`` in a plain ``python train.py`` (one node):
+  ``fit``/``validate``/``test`` start ``N`` processes with ``paddle.distributed.spawn``, each
+  running the call on a pickled copy of the Trainer, the module and the loaders; afterwards the
+  calling process repeats ``configure_model`` on its module (so e.g. a QAT module has the
+  quantized structure) and loads rank 0's final weights, metrics and callback states. The
+  script must guard its entry point with ``if __name__ == "__main__":`` and define its classes
+  at module level (spawned processes import them); a run that cannot be pickled is refused before
+  any process starts, naming the object.
+
+When a process dies, the others stop with an error instead of waiting: ``spawn`` and
+``launch`` terminate the remaining processes, and without a watchdog (several nodes) gloo raises
+"connection reset by peer" at the next collective, or times out after about 30 seconds when a peer
+hangs.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+import numpy as np
+import paddle
+from paddle.base.framework import EagerParamBase
+from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, RandomSampler, SequenceSampler
+
+from qtrainer.device import default_num_threads
+from qtrainer.strategy import DDPStrategy, SingleProcess, launched_world_size
+
+__all__ = [
+    "STRATEGIES",
+    "resolve_strategy",
+    "available_devices",
+    "shard_dataloader",
+    "agree_on_batches",
+    "spawn_run",
+    "SpawnedProcessError",
+]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "ddp", "single_device")
+
+
+class SpawnedProcessError(RuntimeError):
+    """A process started by ``Trainer(strategy="ddp", devices=N)`` failed (its traceback is the message)."""
+
+
+# ---------------------------------------------------------------------------------- choosing
+def available_devices(device: str) -> int:
+    """How many processes this machine can give one device each: GPUs, or CPU cores."""
+    if device.startswith("gpu"):
+        return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
+    return default_num_threads()
+
+
+def resolve_strategy(strategy: Any, devices: int | str, device: str) -> SingleProcess:
+    """The strategy object for ``Trainer(strategy=..., devices=...)`` on ``device``.
+
+    ``strategy``: ``"auto"``/None (data-parallel when started by ``paddle.distributed.launch`` or
+    when ``devices > 1``, else one process), ``"ddp"``, ``"single_device"``, or a strategy
+    instance. ``devices``: processes per node, an int or ``"auto"``.
+    """
+    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+        raise ValueError(f"Trainer(devices={devices!r}): use a positive int (processes on this node) or 'auto'")
+    launched = launched_world_size()
+    if strategy is None or strategy == "auto":
+        strategy = "ddp" if launched > 1 or (isinstance(devices, int) and devices > 1) else "single_device"
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Trainer(strategy={strategy!r}) is not supported; use one of: "
+                             f"{', '.join(map(repr, STRATEGIES))} or a qtrainer.strategy.DDPStrategy instance")
+        if strategy == "single_device":
+            if devices not in ("auto", 1):
+                raise ValueError(f"Trainer(strategy='single_device', devices={devices!r}): one process uses one "
+                                 "device; use strategy='ddp' for several")
+            if launched > 1:
+                raise ValueError(f"Trainer(strategy='single_device') in a job of {launched} processes started by "
+                                 "paddle.distributed.launch would train {launched} independent copies; use "
+                                 "strategy='auto' or 'ddp'")
+            return SingleProcess()
+        strategy = DDPStrategy(devices)
+    elif not isinstance(strategy, SingleProcess):
+        raise TypeError(f"Trainer(strategy=...) got a {type(strategy).__name__}; use one of "
+                        f"{', '.join(map(repr, STRATEGIES))} or a qtrainer.strategy.DDPStrategy instance")
+    elif devices != "auto" and isinstance(strategy, DDPStrategy) and strategy.devices not in ("auto", devices):
+        raise ValueError(f"Trainer(devices={devices!r}) disagrees with {strategy!r}; give the number once")
+    elif devices != "auto" and isinstance(strategy, DDPStrategy):
+        strategy.devices = devices
+    if isinstance(strategy, DDPStrategy):
+        _check_devices_fit(strategy, device, launched)
+    return strategy
+
+
+def _check_devices_fit(strategy: DDPStrategy, device: str, launched: int) -> None:
+    kind = "GPU" if device.startswith("gpu") else "CPU core"
+    if launched > 1:
+        local = strategy.local_world_size
+        if strategy.devices not in ("auto", local):
+            raise ValueError(
+                f"devices={strategy.devices!r} but paddle.distributed.launch started {local} process(es) on this "
+                f"node ({launched} in all); use devices='auto' or devices={local}, or change --nproc_per_node")
+        return
+    available = available_devices(device)
+    if strategy.devices == "auto":
+        strategy.devices = max(1, available) if device.startswith("gpu") else 1
+        return
+    if strategy.devices > available:
+        where = (f"gpu:0..gpu:{available - 1}" if available else "none") if device.startswith("gpu") \
+            else f"1..{available} process(es), one per core"
+        raise ValueError(
+            f"devices={strategy.devices} processes do not fit this machine: it has {available} {kind}(s) available "
+            f"to this process (device={device!r}); available: {where}. Use a smaller devices, device='cpu' or "
+            "'gpu', or several nodes with paddle.distributed.launch --nnodes")
+
+
+# ---------------------------------------------------------------------------------- loaders
+def shard_dataloader(loader: Any, stage: str, rank: int, world_size: int) -> Any:
+    """``loader`` with one shard per rank, when it is a plain ``paddle.io.DataLoader``.
+
+    A ``BatchSampler`` over a map-style dataset (shuffled or in order) is replaced: for training
+    by a ``DistributedBatchSampler`` (same batch size per rank, shuffled by epoch when the original
+    shuffled), for validation/test by every ``world_size``-th sample without padding, so metrics
+    summed over ranks count every sample once. Other loaders (a ``DistributedBatchSampler``
+    already, a custom sampler, an iterable dataset, or ``predict``) are returned unchanged.
+    """
+    if not isinstance(loader, DataLoader) or stage == "predict":
+        return loader
+    sampler = loader.batch_sampler
+    if isinstance(sampler, DistributedBatchSampler):
+        return loader
+    if type(sampler) is not BatchSampler or not isinstance(sampler.sampler, (RandomSampler, SequenceSampler)):
+        if rank == 0:
+            log.warning("the %s loader's sampler (%s) is not sharded across the %d ranks: each rank reads what it "
+                        "yields; give each rank its own shard (e.g. paddle.io.DistributedBatchSampler)",
+                        stage, type(sampler).__name__, world_size)
+        return loader
+    from qtrainer.data.loaders import ShardSampler
+
+    dataset = loader.dataset
+    if stage == "train":
+        sharded = DistributedBatchSampler(dataset, sampler.batch_size, num_replicas=world_size, rank=rank,
+                                          shuffle=isinstance(sampler.sampler, RandomSampler),
+                                          drop_last=sampler.drop_last)
+    else:
+        sharded = BatchSampler(sampler=ShardSampler(dataset, rank, world_size), batch_size=sampler.batch_size,
+                               drop_last=sampler.drop_last)
+    clone = copy.copy(loader)
+    clone.batch_sampler = sharded
+    clone._iterator = None
+    return clone
+
+
+def agree_on_batches(strategy: SingleProcess, stage: str, count: float) -> float:
+    """The number of ``stage`` batches this rank runs, checked against the other ranks.
+
+    Every rank must call it. Raises ``ValueError`` when some rank has no batch (more processes
+    than the data has batches; for evaluation, unless no rank has any). Training needs the same
+    count on every rank (each step reduces gradients): the smallest is used, with a warning when
+    they differ. Evaluation counts may differ.
+    """
+    world = strategy.world_size
+    if world == 1:
+        return count
+    counts = strategy.all_gather(np.array([count], dtype=np.float64))[:, 0]
+    if counts.max() == 0 and stage != "train":
+        return count
+    per_rank = ", ".join(f"rank {r}: {int(c) if np.isfinite(c) else 'unknown'}" for r, c in enumerate(counts))
+    if counts.min() == 0:
+        raise ValueError(
+            f"the {stage} data gives {int((counts == 0).sum())} of the {world} processes no batch "
+            f"({stage} batches per rank: {per_rank}): "
+            f"there are more processes than the data has batches. Use fewer processes, a smaller batch_size, "
+            f"more data, or a larger limit_{'train' if stage == 'train' else 'val'}_batches")
+    if stage == "train" and counts.min() != counts.max():
+        if strategy.is_global_zero:
+            log.warning("ranks have different numbers of training batches (%s); every rank runs %d per epoch so "
+                        "that they step together", per_rank, int(counts.min()))
+        return float(counts.min())
+    return count
+
+
+# ---------------------------------------------------------------------------------- pickling
+def _rebuild_parameter(data: np.ndarray, name: str, stop_gradient: bool, attrs: dict[str, Any]) -> EagerParamBase:
+    param = EagerParamBase.from_tensor(paddle.to_tensor(data), name=name, **attrs)
+    param.stop_gradient = stop_gradient
+    return param
+
+
+def _rebuild_tensor(data: np.ndarray, stop_gradient: bool, persistable: bool) -> paddle.Tensor:
+    tensor = paddle.to_tensor(data)
+    tensor.stop_gradient = stop_gradient
+    tensor.persistable = persistable
+    return tensor
+
+
+def _current_place():
+    return paddle.framework._current_expected_place()
+
+
+_PARAM_ATTRS = ("optimize_attr", "regularizer", "do_model_average", "need_clip", "is_distributed")
+
+
+class _ProcessPickler(pickle.Pickler):
+    """Pickles Paddle parameters with their training attributes (plain pickling turns them into
+    bare tensors, losing learning-rate multipliers and regularizers) and device places as "this
+    process's device"."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, EagerParamBase):
+            attrs = {k: getattr(obj, k) for k in _PARAM_ATTRS if hasattr(obj, k)}
+            return _rebuild_parameter, (obj.numpy(), obj.name, obj.stop_gradient, attrs)
+        if isinstance(obj, paddle.Tensor):
+            return _rebuild_tensor, (obj.numpy(), obj.stop_gradient, obj.persistable)
+        if type(obj).__module__ == "paddle.base.libpaddle" and type(obj).__name__.endswith("Place"):
+            return _current_place, ()
+        return NotImplemented
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _ProcessPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+_RUN_STATE = {"optimizers": [], "lr_schedulers": [], "grad_scaler": None, "model": None, "module": None,
+              "train_dataloader": None, "val_dataloaders": None, "_results": None}
+
+
+def _payload(trainer, model, kwargs: dict[str, Any]) -> bytes:
+    """Pickle what every spawned process needs, or raise ``TypeError`` naming what cannot be."""
+    nprocs = trainer.strategy.devices
+    main = sys.modules.get("__main__")
+    if type(model).__module__ == "__main__" and not getattr(main, "__file__", None):
+        raise TypeError(
+            f"Trainer(strategy='ddp', devices={nprocs}) starts processes with paddle.distributed.spawn, which import "
+            f"the module's class; {type(model).__name__} is defined in an interactive session, where they cannot "
+            "find it. Put the class in a .py file, or run a script with python -m paddle.distributed.launch")
+    clone = copy.copy(trainer)
+    clone.__dict__.update(copy.copy(_RUN_STATE))
+    clone.callbacks = list(trainer.callbacks)
+    owner = model._trainer
+    model._trainer = None
+    try:
+        return _dumps((clone, model, kwargs))
+    except Exception as exc:  # noqa: BLE001 - find and name the culprit below
+        parts = [(f"the module ({type(model).__name__})", model)]
+        parts += [(f"the callback {type(c).__name__}", c) for c in list(trainer.callbacks) + list(kwargs.get("callbacks") or [])]
+        parts += [(f"the logger {type(lg).__name__}", lg) for lg in trainer.loggers]
+        parts += [(f"the {name} argument ({type(value).__name__})", value) for name, value in kwargs.items()
+                  if name != "callbacks"]
+        culprit, error = "the Trainer", exc
+        for what, obj in parts:
+            try:
+                _dumps(obj)
+            except Exception as part_exc:  # noqa: BLE001
+                culprit, error = what, part_exc
+                break
+        raise TypeError(
+            f"Trainer(strategy='ddp', devices={nprocs}) starts {nprocs} processes with paddle.distributed.spawn, "
+            f"which must pickle {culprit}, and it cannot be pickled: {type(error).__name__}: {error}. Define classes "
+            "and functions at module level (no lambdas, local classes, open files or locks), or start the processes "
+            f"with `python -m paddle.distributed.launch --nproc_per_node {nprocs} script.py`, which needs no pickling"
+        ) from exc
+    finally:
+        model._trainer = owner
+
+
+# ---------------------------------------------------------------------------------- spawning
+def _error_path(result_dir: str, rank: int) -> str:
+    return os.path.join(result_dir, f"rank{rank}.error")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def _run_in_process(payload: bytes, stage: str, result_dir: str) -> None:
+    """What each spawned process runs: the Trainer call; rank 0 writes back what the caller adopts."""
+    trainer, model, kwargs = pickle.loads(payload)
+    rank = trainer.strategy.global_rank
+    try:
+        returned = getattr(trainer, stage)(model, **kwargs)
+    except BaseException as exc:
+        try:
+            blob = pickle.dumps(exc)
+            pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - send the text when the exception itself does not travel
+            blob = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        _write_atomic(_error_path(result_dir, rank), pickle.dumps((blob, traceback.format_exc())))
+        raise
+    if trainer.is_global_zero:
+        callbacks = trainer._ordered(trainer.callbacks + list(kwargs.get("callbacks") or []))
+        result = {
+            "state_dict": {k: v.numpy() for k, v in model.state_dict().items()},
+            "trainer_state": {name: getattr(trainer, name) for name in (
+                "current_epoch", "global_step", "should_stop", "callback_metrics", "progress_bar_metrics",
+                "logged_metrics", "log_history")},
+            "callback_states": [c.state_dict() for c in callbacks],
+            "returned": returned,
+        }
+        _write_atomic(os.path.join(result_dir, "result.pkl"), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _raise_child_error(result_dir: str, nprocs: int, exc: Exception, stage: str) -> None:
+    for rank in range(nprocs):
+        path = _error_path(result_dir, rank)
+        if os.path.exists(path):
+            with open(path, "rb") as handle:
+                blob, text = pickle.load(handle)
+            raise pickle.loads(blob) from SpawnedProcessError(f"rank {rank} of {nprocs} failed:\n{text}")
+    raise SpawnedProcessError(f"Trainer.{stage} on {nprocs} spawned processes failed: {exc}") from exc
+
+
+def spawn_run(trainer, stage: str, model, kwargs: dict[str, Any]) -> Any:
+    """Run ``trainer.<stage>(model, **kwargs)`` on ``trainer.strategy.devices`` spawned processes.
+
+    Returns what rank 0's call returned, after this process's ``model`` and ``trainer`` took rank
+    0's final state (see the module docstring). An exception in a process is re-raised here, with
+    that process's traceback as its cause.
+    """
+    nprocs = trainer.strategy.devices
+    for logger in trainer.loggers:
+        _ = logger.version  # fix the version directory now, so every process logs to the same one
+    payload = _payload(trainer, model, kwargs)
+    backend = "nccl" if trainer.device.startswith("gpu") else "gloo"
+    with tempfile.TemporaryDirectory(prefix="qtrainer-spawn-") as result_dir:
+        log.info("Trainer.%s: starting %d processes (%s)", stage, nprocs, backend)
+        try:
+            paddle.distributed.spawn(_run_in_process, args=(payload, stage, result_dir), nprocs=nprocs,
+                                     backend=backend)
+        except Exception as exc:  # noqa: BLE001 - paddle raises a bare Exception naming the process
+            _raise_child_error(result_dir, nprocs, exc, stage)
+        with open(os.path.join(result_dir, "result.pkl"), "rb") as handle:
+            result = pickle.load(handle)
+    _adopt(trainer, model, kwargs.get("callbacks"), result)
+    return result["returned"]
+
+
+def _adopt(trainer, model, extra_callbacks: list | None, result: dict[str, Any]) -> None:
+    """Give this process's ``model``/``trainer``/callbacks rank 0's final state."""
+    own = trainer.callbacks
+    trainer.callbacks = trainer._ordered(own + list(extra_callbacks or []))
+    trainer.module, model._trainer = model, trainer
+    try:
+        trainer._call_hook("configure_model")  # the structure the processes trained (e.g. QAT layers)
+        state = result["state_dict"]
+        mine = model.state_dict()
+        if set(mine) != set(state):
+            raise RuntimeError(
+                f"after configure_model, {type(model).__name__} here has keys that rank 0's trained module does not "
+                f"(here only: {sorted(set(mine) - set(state))[:5]}, rank 0 only: {sorted(set(state) - set(mine))[:5]}); "
+                "configure_model must build the same structure in every process")
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        for callback, callback_state in zip(trainer.callbacks, result["callback_states"]):
+            if callback_state:
+                callback.load_state_dict(callback_state)
+    finally:
+        trainer.callbacks = own
+    for name, value in result["trainer_state"].items():
+        setattr(trainer, name, value)
