@@ -43,7 +43,7 @@ from qtrainer.quant.calibrators import (
     make_activation_calibrator,
 )
 from qtrainer.quant.config import QuantConfig
-from qtrainer.quant.fuse import fuse_conv_bn
+from qtrainer.quant.fuse import _EvalMode, fuse_conv_bn
 from qtrainer.quant.quanters import FakeQuanter
 from qtrainer.quant.wrap import QuantedLayer, _type_name_of, _walk, iter_quanted_layers, quantize_model
 
@@ -386,22 +386,6 @@ def _check_count(value: Any, name: str, allow_none: bool) -> None:
         raise ValueError(f"{name}={value!r} is invalid: use a positive integer" + (" or None" if allow_none else ""))
 
 
-class _EvalFlags:
-    """Every sublayer in eval mode for the duration; each one's own flag restored on exit."""
-
-    def __init__(self, model: nn.Layer) -> None:
-        self.layers = [model, *model.sublayers()]
-        self.flags = [layer.training for layer in self.layers]
-
-    def __enter__(self) -> None:
-        for layer in self.layers:
-            layer.training = False
-
-    def __exit__(self, *exc: object) -> None:
-        for layer, flag in zip(self.layers, self.flags):
-            layer.training = flag
-
-
 def _loader_length(loader: Iterable) -> float:
     try:
         return len(loader)  # type: ignore[arg-type]
@@ -445,7 +429,7 @@ def calibrate(
     bar = tqdm(total=total, desc="Calibrating", unit="batch", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     try:
-        with _EvalFlags(model), paddle.no_grad():
+        with _EvalMode(model), paddle.no_grad():
             for _ in range(epochs):
                 iterator = iter(loader)
                 try:

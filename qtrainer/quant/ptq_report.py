@@ -43,7 +43,8 @@ from qtrainer.quant.calibrators import (
     mse_threshold,
     percentile_threshold,
 )
-from qtrainer.quant.ptq import FROZEN, _EvalFlags, _state_of, calibration_layers, seed_name
+from qtrainer.quant.fuse import _EvalMode
+from qtrainer.quant.ptq import FROZEN, _state_of, calibration_layers, seed_name
 from qtrainer.quant.quanters import FakeQuanter
 from qtrainer.quant.samples import first_inputs
 from qtrainer.quant.wrap import QuantedLayer, iter_quanted_layers
@@ -316,7 +317,7 @@ def build_ptq_report(
 
     handles = [layer.register_forward_post_hook(make_hook(name)) for name, layer in quanted.items()]
     try:
-        with _EvalFlags(model), paddle.no_grad():
+        with _EvalMode(model), paddle.no_grad():
             for x in batches:
                 float_outputs.clear()
                 call_index.clear()

@@ -61,13 +61,13 @@ def test_pretrained_file_of_another_architecture_names_the_keys(tmp_path):
         run.main(["resnet18", "dynamic", "--data", data, "--pretrained", path, *args(tmp_path)])
 
 
-def test_fp32_then_qat_and_dynamic_end_to_end(tmp_path):
+def test_all_methods_end_to_end_on_a_small_slice(tmp_path):
     data = write_folder(tmp_path / "data")
-    common = ["--data", data, "--width", "0.25", *args(tmp_path)]
-    run.main(["mobilenet_v1", "fp32", "--max-steps", "3", *common])
-    run.main(["mobilenet_v1", "qat", "--qat-max-steps", "2", *common])
-    summary = run.main(["mobilenet_v1", "dynamic", *common])
-    assert set(summary) == {"fp32", "qat", "dynamic"}
+    common = ["--data", data, "--width", "0.25", "--calib-batches", "2", *args(tmp_path)]
+    summary = run.main(["mobilenet_v1", "all", "--max-steps", "3", "--qat-max-steps", "2", *common])
+    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
+    ptq = json.load(open(tmp_path / "out" / "mobilenet_v1" / "ptq" / "results.json"))
+    assert ptq["calibrator"] == "KLQuantizer" and ptq["images"] == 8 and ptq["agreement_top1"] >= 0.75
     qat = json.load(open(tmp_path / "out" / "mobilenet_v1" / "qat" / "results.json"))
     assert qat["images"] == 8 and qat["agreement_top1"] >= 0.75
     # every layer the export kept in int8 really runs int8 in Paddle Inference
