@@ -25,6 +25,7 @@ from qtrainer.distributed import agree_on_batches, resolve_strategy
 from qtrainer.hooks import MODULE_HOOKS
 from qtrainer.loggers.base import Logger
 from qtrainer.module import Module
+from qtrainer.paths import nearest_existing_ancestor
 from qtrainer.optim import load_portable_optimizer_state, parse_optimizers, portable_optimizer_state
 from qtrainer.results import LoggedResults, to_float
 from qtrainer.rng import capture_rng_state, restore_paddle_rng_state, seed_data_rngs, seed_everything
@@ -55,12 +56,7 @@ def _check_limit(name: str, value: Any) -> None:
 
 def _check_writable_dir(path: str) -> None:
     """Raise a clear error when ``path`` cannot be created or written (checked without writing it)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+    probe = nearest_existing_ancestor(path)
     if not os.path.isdir(probe):
         raise ValueError(f"default_root_dir={path!r} cannot be created: {probe!r} is not a directory")
     try:

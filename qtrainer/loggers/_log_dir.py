@@ -7,6 +7,8 @@ import re
 import uuid
 from typing import Any, Mapping
 
+from qtrainer.paths import nearest_existing_ancestor
+
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
 
@@ -20,12 +22,7 @@ def check_save_dir(save_dir: str, owner: str) -> str:
     path = os.fspath(save_dir)
     if not path:
         raise ValueError(f"{owner}(save_dir=''): save_dir must not be empty")
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+    probe = nearest_existing_ancestor(path)
     if not os.path.isdir(probe):
         raise ValueError(
             f"{owner}(save_dir={path!r}): cannot create the log directory, {probe!r} is a file, not a directory"
