@@ -103,3 +103,33 @@ def as_float(name: str, value: Any, owner: str) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{owner}.log_metrics: metric {name!r} = {value!r} is not a number") from exc
+
+
+class VersionedLogDir:
+    """``<save_dir>/<name>/version_<N>`` for a logger that sets ``_save_dir``, ``_name``, ``_version``."""
+
+    _save_dir: str
+    _name: str
+    _version: int | str | None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = next_version(self.root_dir)
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.root_dir, version_dir_name(self.version))

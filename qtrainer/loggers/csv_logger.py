@@ -12,7 +12,7 @@ from qtrainer.loggers.base import Logger
 __all__ = ["CSVLogger"]
 
 
-class CSVLogger(Logger):
+class CSVLogger(_log_dir.VersionedLogDir, Logger):
     """Append every ``log_metrics`` call as a row of ``save_dir/name/version_N/metrics.csv``.
 
     The columns are ``step`` followed by every metric name in the order it first appeared; a
@@ -38,28 +38,7 @@ class CSVLogger(Logger):
         self._version = _log_dir.check_version(version, owner)
         self._columns: list[str] | None = None  # read from disk on the first write
 
-    # -- where ---------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    @property
-    def root_dir(self) -> str:
-        return os.path.join(self._save_dir, self._name)
-
-    @property
-    def version(self) -> int | str:
-        if self._version is None:
-            self._version = _log_dir.next_version(self.root_dir)
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        return os.path.join(self.root_dir, _log_dir.version_dir_name(self.version))
+    # -- where: name, save_dir, root_dir, version and log_dir come from VersionedLogDir ----
 
     @property
     def metrics_file_path(self) -> str:

@@ -17,7 +17,7 @@ _WRITER_IDS = itertools.count()  # makes every event file name unique (see ``exp
 _STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_FAILURE"}
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
     """Write TensorBoard event files (through tensorboardX) to ``save_dir/name/version_N``.
 
     Nothing is created on disk until the first value is written. ``save`` makes everything
@@ -60,28 +60,7 @@ class TensorBoardLogger(Logger):
         self._scalar_tags: dict[str, float] = {}  # tag -> last value
         self._last_step = 0
 
-    # -- where ---------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    @property
-    def root_dir(self) -> str:
-        return os.path.join(self._save_dir, self._name)
-
-    @property
-    def version(self) -> int | str:
-        if self._version is None:
-            self._version = _log_dir.next_version(self.root_dir)
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        return os.path.join(self.root_dir, _log_dir.version_dir_name(self.version))
+    # -- where: name, save_dir, root_dir, version and log_dir come from VersionedLogDir ----
 
     @property
     def experiment(self):
