@@ -20,38 +20,11 @@ import time
 import numpy as np
 import paddle
 import paddle.inference as paddle_infer
-import paddle.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from train_fashion_mnist import small_cnn  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import median, print_table, write_json  # noqa: E402
-from qtrainer.data import load_fashion_mnist  # noqa: E402
+from _fashion import normalised, train  # noqa: E402
 from qtrainer.quant.dynamic import quant_post_dynamic  # noqa: E402
-
-MEAN, STD = 0.2860, 0.3530
-
-
-def normalised(split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_fashion_mnist(split)
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None], labels
-
-
-def train(steps: int, batch_size: int, lr: float) -> paddle.nn.Layer:
-    images, labels = normalised("train")
-    paddle.seed(0)
-    order = np.random.RandomState(0).permutation(len(labels))
-    net = small_cnn()
-    optimizer = paddle.optimizer.Adam(lr, parameters=net.parameters())
-    net.train()
-    for step in range(steps):
-        index = order[(step * batch_size) % len(order):][:batch_size]
-        loss = F.cross_entropy(net(paddle.to_tensor(images[index])), paddle.to_tensor(labels[index]))
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-    net.eval()
-    return net
 
 
 def run_inference(model_file: str, params_file: str, images: np.ndarray, batch: int, threads: int,

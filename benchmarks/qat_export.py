@@ -14,7 +14,8 @@ deployed model (Paddle Inference, oneDNN int8) is compared with the dygraph QAT 
 test images: top-1 agreement (goal >= 99.5%), relative L2 of the logits, and accuracy vs the FP32
 model (goal: drop <= 0.1 pt).
 
-Speed: MobileNetV1 and ResNet50 (``paddle.vision.models``, random weights, 224 px) with their
+Speed: MobileNetV1 and ResNet50 by default, ``--models MobileNetV1 MobileNetV2 ResNet18 ResNet50``
+for the recipes' four (``paddle.vision.models``, random weights, 224 px) with their
 batch-norm statistics set from one batch of random images (otherwise deep activations vanish and
 their scales become 0), quantized with ``QAT`` (scales observed on a few batches), exported int8;
 the FP32 baseline is the float model saved with ``paddle.jit.save``. Both run in Paddle Inference
@@ -179,7 +180,8 @@ def _observe_scales(model: nn.Layer, batches: list[paddle.Tensor]) -> None:
 
 
 def build_speed_models(name: str, workdir: str, clip) -> tuple[str, str, dict]:
-    builders = {"MobileNetV1": paddle.vision.models.mobilenet_v1, "ResNet50": paddle.vision.models.resnet50}
+    builders = {"MobileNetV1": paddle.vision.models.mobilenet_v1, "MobileNetV2": paddle.vision.models.mobilenet_v2,
+                "ResNet18": paddle.vision.models.resnet18, "ResNet50": paddle.vision.models.resnet50}
     paddle.seed(0)
     rng = np.random.RandomState(0)
     model = builders[name]()
@@ -253,7 +255,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, images and timing rounds")
     parser.add_argument("--fp32-steps", type=int, default=None, help="FP32 training steps (batch 64)")
     parser.add_argument("--qat-steps", type=int, default=None, help="QAT fine-tuning steps (batch 64)")
-    parser.add_argument("--models", nargs="+", default=["MobileNetV1", "ResNet50"])
+    parser.add_argument("--models", nargs="+", default=["MobileNetV1", "ResNet50"],
+                        choices=["MobileNetV1", "MobileNetV2", "ResNet18", "ResNet50"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=None)
@@ -271,12 +274,15 @@ def main() -> None:
 
     print("machine:", machine())
     workdir = args.workdir or tempfile.mkdtemp(prefix="qat_export_bench_")
-    payload = {"quick": args.quick, "clip_activations": args.clip}
+    payload = {"command": "python benchmarks/qat_export.py " + " ".join(sys.argv[1:]), "quick": args.quick,
+               "clip_activations": args.clip}
     if args.only in (None, "accuracy"):
         payload["accuracy"] = accuracy_part(args, workdir)
     if args.only in (None, "speed"):
         payload["speed"] = speed_part(args, workdir)
     name = "qat_export" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
+    if len(args.models) == 4:
+        name += "_4archs"
     print("results:", write_json(name, payload))
 
 

@@ -26,8 +26,9 @@ class ClassificationModule(Module):
         lr: the base learning rate.
         weight_decay: L2 (``sgd``/``momentum``/``adam``) or decoupled (``adamw``) weight decay.
         momentum: momentum of ``"momentum"``.
-        scheduler: None, ``"cosine"`` (per epoch over ``Trainer.max_epochs``), ``"step"`` (×0.1 every
-            third of the epochs) or a callable ``(lr) -> LRScheduler``.
+        scheduler: None, ``"cosine"``, ``"step"`` (×0.1 every third of the run) or a callable
+            ``(lr) -> LRScheduler``. The named schedules span ``Trainer.max_steps`` stepping every
+            optimizer step when it is set, else ``Trainer.max_epochs`` stepping every epoch.
         label_smoothing: cross-entropy label smoothing in [0, 1).
 
     Logs ``train_loss`` (progress bar), ``train_acc``, ``val_loss``, ``val_acc``, ``val_acc_top5``
@@ -97,11 +98,11 @@ class ClassificationModule(Module):
         if callable(self.scheduler_name):
             learning_rate = self.scheduler_name(self.lr)
         elif self.scheduler_name is not None:
-            epochs = (self.trainer.max_epochs if self.trainer is not None else None) or 1
+            span, interval = self._schedule_span()
             if self.scheduler_name == "cosine":
-                learning_rate = paddle.optimizer.lr.CosineAnnealingDecay(self.lr, T_max=epochs)
+                learning_rate = paddle.optimizer.lr.CosineAnnealingDecay(self.lr, T_max=span)
             else:
-                learning_rate = paddle.optimizer.lr.StepDecay(self.lr, step_size=max(1, epochs // 3), gamma=0.1)
+                learning_rate = paddle.optimizer.lr.StepDecay(self.lr, step_size=max(1, span // 3), gamma=0.1)
         params = self.parameters()
         if callable(self.optimizer_name):
             optimizer = self.optimizer_name(params, learning_rate)
@@ -115,5 +116,13 @@ class ClassificationModule(Module):
             optimizer = paddle.optimizer.Momentum(learning_rate, momentum=self.momentum, parameters=params,
                                                   weight_decay=self.weight_decay or None)
         if isinstance(learning_rate, LRScheduler):
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": learning_rate, "interval": "epoch"}}
+            interval = "epoch" if callable(self.scheduler_name) else self._schedule_span()[1]
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": learning_rate, "interval": interval}}
         return optimizer
+
+    def _schedule_span(self) -> tuple[int, str]:
+        """(length, interval) of a named schedule: the run's optimizer steps when capped, else its epochs."""
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps is not None:
+            return trainer.max_steps, "step"
+        return (trainer.max_epochs if trainer is not None else None) or 1, "epoch"

@@ -45,7 +45,8 @@ def _positive_int(name: str, value) -> None:
 def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers: int = 0,
                  distributed: bool | None = None, *, val_batch_size: int | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 train_scale: tuple[float, float] = (0.08, 1.0), on_bad_image: str = "error",
+                 train_scale: tuple[float, float] = (0.08, 1.0), val_crop_fraction: float = 0.875,
+                 on_bad_image: str = "error",
                  train_split: str = "train", val_split: str = "val") -> tuple[DataLoader, DataLoader]:
     """``(train_loader, val_loader)`` over ``root/train`` and ``root/val`` (see ``qtrainer.data.folder``).
 
@@ -61,6 +62,8 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
             ``paddle.distributed.get_world_size() > 1``.
         mean, std: per-channel normalisation of ``[0, 1]`` pixels (ImageNet's by default).
         train_scale: the area fraction range of the random resized crop.
+        val_crop_fraction: the val center crop's share of the resized short side (0.875: 256 -> 224;
+            1.0 keeps the whole image, for small centred images such as Fashion-MNIST).
         on_bad_image: ``"error"`` or ``"skip"`` unreadable images (see ``ImageFolder``).
     """
     _positive_int("batch_size", batch_size)
@@ -75,7 +78,7 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
 
     train_set = ImageFolder(root, train_split, train_transform(image_size, mean, std, train_scale),
                             on_bad_image=on_bad_image)
-    val_set = ImageFolder(root, val_split, val_transform(image_size, mean, std),
+    val_set = ImageFolder(root, val_split, val_transform(image_size, mean, std, val_crop_fraction),
                           classes=train_set.classes, on_bad_image=on_bad_image)
     replicas = world_size if distributed else 1
     if len(train_set) < batch_size * replicas:

@@ -109,3 +109,10 @@ def test_missing_val_split_says_the_layout(tmp_path):
     root = write_folder(tmp_path, {"train": {"a": 4}})
     with pytest.raises(FileNotFoundError, match=r"val' not found.*<root>/val/<class>/<image>"):
         make_loaders(root, image_size=16, batch_size=2)
+
+
+def test_val_crop_fraction_one_keeps_the_whole_image(ten_per_split):
+    """crop_fraction 1.0 resizes to the crop size (no border cut); the default 0.875 cuts a border."""
+    whole = make_loaders(ten_per_split, image_size=8, batch_size=2, val_crop_fraction=1.0)[1].dataset
+    cropped = make_loaders(ten_per_split, image_size=8, batch_size=2)[1].dataset
+    assert whole.transform.transforms[0].size == 8 and cropped.transform.transforms[0].size == 9
