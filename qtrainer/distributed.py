@@ -14,10 +14,12 @@ Two ways to run on several processes, with the same script:
   at module level (spawned processes import them); a run that cannot be pickled is refused before
   any process starts, naming the object.
 
-When a process dies, the others stop with an error instead of waiting: ``spawn`` and
-``launch`` terminate the remaining processes, and without a watchdog (several nodes) gloo raises
-"connection reset by peer" at the next collective, or times out after about 30 seconds when a peer
-hangs.
+When a process fails or dies, the others stop with an error instead of waiting. Under ``spawn``
+this module supervises the processes itself: the first one to fail writes its error and exits at
+once, the others are stopped (SIGTERM, then SIGKILL after a few seconds) and the caller re-raises
+that error, within seconds. ``launch`` terminates the remaining processes of a node likewise. Without
+a supervisor (a rank on another node) gloo raises "connection reset by peer" at the next
+collective, or times out after about 30 seconds when a peer hangs.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ import io
 import logging
 import os
 import pickle
+import signal
 import sys
 import tempfile
+import time
 import traceback
+from multiprocessing.connection import wait
 from typing import Any
 
 import numpy as np
@@ -279,6 +284,9 @@ def _payload(trainer, model, kwargs: dict[str, Any]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------- spawning
+_STOP_GRACE = 5.0  # seconds a process gets to end after SIGTERM before it is killed
+
+
 def _error_path(result_dir: str, rank: int) -> str:
     return os.path.join(result_dir, f"rank{rank}.error")
 
@@ -290,49 +298,132 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _run_in_process(payload: bytes, stage: str, result_dir: str) -> None:
-    """What each spawned process runs: the Trainer call; rank 0 writes back what the caller adopts."""
-    trainer, model, kwargs = pickle.loads(payload)
-    rank = trainer.strategy.global_rank
+def _report_error(result_dir: str, rank: int, exc: BaseException) -> None:
+    """Write this process's exception (or its text, when it cannot be pickled) for the caller."""
     try:
-        returned = getattr(trainer, stage)(model, **kwargs)
-    except BaseException as exc:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - send the text when the exception itself does not travel
+        blob = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    report = (time.time(), blob, "".join(traceback.format_exception(exc)))
+    _write_atomic(_error_path(result_dir, rank), pickle.dumps(report))
+
+
+def _exit_now(code: int) -> None:
+    """End this process at once, after flushing its output (no interpreter clean-up)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
         try:
-            blob = pickle.dumps(exc)
-            pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - send the text when the exception itself does not travel
-            blob = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
-        _write_atomic(_error_path(result_dir, rank), pickle.dumps((blob, traceback.format_exc())))
-        raise
-    if trainer.is_global_zero:
-        callbacks = trainer._ordered(trainer.callbacks + list(kwargs.get("callbacks") or []))
-        result = {
-            "state_dict": {k: v.numpy() for k, v in model.state_dict().items()},
-            "trainer_state": {name: getattr(trainer, name) for name in (
-                "current_epoch", "global_step", "should_stop", "callback_metrics", "progress_bar_metrics",
-                "logged_metrics", "log_history")},
-            "callback_states": [c.state_dict() for c in callbacks],
-            "returned": returned,
-        }
-        _write_atomic(os.path.join(result_dir, "result.pkl"), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+            pass
+    os._exit(code)
 
 
-def _raise_child_error(result_dir: str, nprocs: int, exc: Exception, stage: str) -> None:
-    for rank in range(nprocs):
-        path = _error_path(result_dir, rank)
+def _run_in_process(payload: bytes, stage: str, result_dir: str) -> None:
+    """What each spawned process runs: the Trainer call; rank 0 writes back what the caller adopts.
+
+    A process that fails writes its error for the caller and exits at once: a normal exit takes
+    seconds of interpreter clean-up (during which the caller stops it with SIGTERM) and could block
+    on a long traceback (paddle's spawn pipes it to the caller, which reads it only after the exit).
+    """
+    # Paddle's crash handler catches SIGTERM and allocates memory while it reports it; a SIGTERM
+    # that arrives while this process holds the allocator's lock (e.g. while it frees its objects
+    # on the way out) deadlocks it for good. The caller stops surviving processes with SIGTERM,
+    # so here SIGTERM ends the process at once, as it does by default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    try:
+        trainer, model, kwargs = pickle.loads(payload)
+        returned = getattr(trainer, stage)(model, **kwargs)
+        if trainer.is_global_zero:
+            result = _final_state(trainer, model, kwargs, returned)
+            _write_atomic(os.path.join(result_dir, "result.pkl"), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the caller
+        try:
+            _report_error(result_dir, rank, exc)
+        finally:
+            _exit_now(1)
+
+
+def _final_state(trainer, model, kwargs: dict[str, Any], returned: Any) -> dict[str, Any]:
+    """What rank 0 hands back to the calling process (see ``_adopt``)."""
+    callbacks = trainer._ordered(trainer.callbacks + list(kwargs.get("callbacks") or []))
+    return {
+        "state_dict": {k: v.numpy() for k, v in model.state_dict().items()},
+        "trainer_state": {name: getattr(trainer, name) for name in (
+            "current_epoch", "global_step", "should_stop", "callback_metrics", "progress_bar_metrics",
+            "logged_metrics", "log_history")},
+        "callback_states": [c.state_dict() for c in callbacks],
+        "returned": returned,
+    }
+
+
+def _wait_for_first_failure(processes: list) -> tuple[int, int] | None:
+    """Wait until every process ended or one failed; return ``(rank, exit code)`` of that one."""
+    running = {process.sentinel: rank for rank, process in enumerate(processes)}
+    while running:
+        for sentinel in wait(list(running)):
+            rank = running.pop(sentinel)
+            processes[rank].join()
+            if processes[rank].exitcode != 0:
+                return rank, processes[rank].exitcode
+    return None
+
+
+def _stop(processes: list, grace: float = _STOP_GRACE) -> None:
+    """End every process still running: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+    SIGKILL cannot be caught or blocked, so this returns even when a process does not react to
+    SIGTERM (paddle.distributed.spawn itself waits forever in that case).
+    """
+    running = [p for p in processes if p.exitcode is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + grace
+    for process in running:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in running:
+        if process.exitcode is None:
+            log.warning("spawned process %d did not end %.0f s after SIGTERM; killing it", process.pid, grace)
+            process.kill()
+            process.join(grace)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"terminated with signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"terminated with signal {-code}"
+    return f"exited with code {code}"
+
+
+def _raise_child_error(result_dir: str, nprocs: int, stage: str, rank: int, code: int) -> None:
+    """Re-raise the first error a process reported (its traceback as the cause), or say which died."""
+    reports = []
+    for r in range(nprocs):
+        path = _error_path(result_dir, r)
         if os.path.exists(path):
             with open(path, "rb") as handle:
-                blob, text = pickle.load(handle)
-            raise pickle.loads(blob) from SpawnedProcessError(f"rank {rank} of {nprocs} failed:\n{text}")
-    raise SpawnedProcessError(f"Trainer.{stage} on {nprocs} spawned processes failed: {exc}") from exc
+                reports.append((*pickle.load(handle), r))
+    if reports:  # the earliest is the cause; the others are usually its echo (e.g. a lost connection)
+        _, blob, text, first = min(reports)
+        others = [r for *_, r in reports if r != first]
+        also = f" (rank(s) {', '.join(map(str, others))} failed after it)" if others else ""
+        raise pickle.loads(blob) from SpawnedProcessError(f"rank {first} of {nprocs} failed{also}:\n{text}")
+    raise SpawnedProcessError(
+        f"Trainer.{stage} on {nprocs} spawned processes failed: rank {rank} of {nprocs} {_describe_exit(code)} "
+        "without reporting an error (killed, or out of memory?); the other processes were stopped")
 
 
 def spawn_run(trainer, stage: str, model, kwargs: dict[str, Any]) -> Any:
     """Run ``trainer.<stage>(model, **kwargs)`` on ``trainer.strategy.devices`` spawned processes.
 
     Returns what rank 0's call returned, after this process's ``model`` and ``trainer`` took rank
-    0's final state (see the module docstring). An exception in a process is re-raised here, with
-    that process's traceback as its cause.
+    0's final state (see the module docstring). When a process fails or dies, the others are
+    stopped at once (SIGTERM, then SIGKILL after a few seconds) and the first error a process
+    reported is re-raised here with that process's traceback as its cause.
     """
     nprocs = trainer.strategy.devices
     for logger in trainer.loggers:
@@ -341,11 +432,14 @@ def spawn_run(trainer, stage: str, model, kwargs: dict[str, Any]) -> Any:
     backend = "nccl" if trainer.device.startswith("gpu") else "gloo"
     with tempfile.TemporaryDirectory(prefix="qtrainer-spawn-") as result_dir:
         log.info("Trainer.%s: starting %d processes (%s)", stage, nprocs, backend)
+        context = paddle.distributed.spawn(_run_in_process, args=(payload, stage, result_dir), nprocs=nprocs,
+                                           backend=backend, join=False)
         try:
-            paddle.distributed.spawn(_run_in_process, args=(payload, stage, result_dir), nprocs=nprocs,
-                                     backend=backend)
-        except Exception as exc:  # noqa: BLE001 - paddle raises a bare Exception naming the process
-            _raise_child_error(result_dir, nprocs, exc, stage)
+            failure = _wait_for_first_failure(context.processes)
+        finally:
+            _stop(context.processes)  # none left after success; the survivors of a failure (or Ctrl-C here)
+        if failure is not None:
+            _raise_child_error(result_dir, nprocs, stage, *failure)
         with open(os.path.join(result_dir, "result.pkl"), "rb") as handle:
             result = pickle.load(handle)
     _adopt(trainer, model, kwargs.get("callbacks"), result)

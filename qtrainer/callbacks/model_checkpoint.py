@@ -293,9 +293,10 @@ class ModelCheckpoint(MonitorCallback):
             self._remove(trainer, previous)
 
     def _save(self, trainer, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if trainer.is_global_zero:  # rank 0 writes the file; the other ranks touch no file system
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._last_step_saved = trainer.global_step
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path)  # every rank calls it and waits for rank 0's write
 
     def _remove(self, trainer, path: str) -> None:
         """Delete ``path`` unless some checkpoint callback of this trainer still refers to it."""
