@@ -42,12 +42,19 @@ last), then on the module when the module defines it. ``fit`` fires::
 ``validate``/``test``/``predict`` fire ``setup(stage)``, ``configure_model``, the matching block
 (``on_test_start`` ... or ``on_predict_start`` ...) and ``teardown(stage)``.
 
+A callback (or the module) receives a hook only when it overrides it: the Trainer looks this up
+once per hook and run (``overrides_hook``), so the many hooks nobody overrides cost nothing per
+batch. Replacing a hook method on an instance therefore takes effect when done before that
+hook first fires in a run (e.g. in ``setup``).
+
 When anything raises: ``on_exception(exc)`` fires once on every callback, then the end hooks of
 the stages that had started (``on_validation_end``, ``on_train_end``, ``on_fit_end``: end hooks
 always run; ``trainer.failed`` is True so they can skip work such as exporting), then
 ``teardown``, and the exception propagates.
 """
 from __future__ import annotations
+
+from typing import Any
 
 # Hooks that the module receives too (without the trainer/module arguments).
 MODULE_HOOKS = frozenset(
@@ -64,3 +71,14 @@ MODULE_HOOKS = frozenset(
         "on_predict_batch_start", "on_predict_batch_end",
     }
 )
+
+
+def overrides_hook(obj: Any, base: type, name: str) -> bool:
+    """True when ``obj`` has its own ``name`` hook rather than ``base``'s no-op.
+
+    Anything ``base`` does not define counts as overridden (it is looked up at call time).
+    """
+    default = getattr(base, name, None)
+    if default is None or name in getattr(obj, "__dict__", ()):
+        return True
+    return getattr(type(obj), name, None) is not default

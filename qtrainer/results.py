@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import paddle
 
 __all__ = ["LoggedResults", "to_float"]
 
@@ -18,6 +19,10 @@ REDUCE_FXS = ("mean", "sum", "max", "min")
 
 def to_float(value: Any, name: str) -> float:
     """Convert a scalar tensor, numpy scalar or number to ``float``; reject anything else."""
+    if isinstance(value, paddle.Tensor):
+        if math.prod(value.shape) != 1:
+            raise ValueError(f"self.log({name!r}, ...) needs a scalar, got a value of shape {list(value.shape)}")
+        return float(value.item())  # one copy to the host; right for bfloat16 too, unlike .numpy()
     if hasattr(value, "numpy"):
         array = np.asarray(value.numpy())
     else:

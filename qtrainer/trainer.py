@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -22,7 +23,7 @@ from qtrainer.callbacks.base import Callback
 from qtrainer.checkpoint_io import FORMAT_VERSION, CheckpointError, load_checkpoint_file, save_checkpoint_file
 from qtrainer.device import default_num_threads, resolve_device, resolve_precision, set_num_threads
 from qtrainer.distributed import agree_on_batches, resolve_strategy
-from qtrainer.hooks import MODULE_HOOKS
+from qtrainer.hooks import MODULE_HOOKS, overrides_hook
 from qtrainer.loggers.base import Logger
 from qtrainer.module import Module
 from qtrainer.paths import nearest_existing_ancestor
@@ -219,6 +220,9 @@ class Trainer:
         self._running_loss: deque[float] = deque(maxlen=_RUNNING_LOSS_WINDOW)
         self._accumulated = 0
         self._current_batch_size = 1
+        self._hook_receivers: dict[str, tuple[tuple[Callback, ...], bool]] = {}
+        self._hook_receivers_for: tuple = ()
+        self._last_synced: tuple[paddle.Tensor, int, float] | None = None
 
     # -- construction helpers ------------------------------------------------------------
     def _make_loggers(self, logger: Any) -> list[Logger]:
@@ -293,10 +297,24 @@ class Trainer:
 
     # -- hooks -------------------------------------------------------------------------------
     def _call_hook(self, name: str, *args: Any) -> None:
-        for callback in self.callbacks:
+        callbacks, module_receives = self._receivers(name)
+        for callback in callbacks:
             getattr(callback, name)(self, self.module, *args)
-        if name in MODULE_HOOKS:
+        if module_receives:
             getattr(self.module, name)(*args)
+
+    def _receivers(self, name: str) -> tuple[tuple[Callback, ...], bool]:
+        """The callbacks that override hook ``name``, and whether the module does (looked up once
+        per run and set of callbacks, so hooks nobody overrides cost nothing per batch)."""
+        key = (self.module, *self.callbacks)
+        if key != self._hook_receivers_for:
+            self._hook_receivers, self._hook_receivers_for = {}, key
+        receivers = self._hook_receivers.get(name)
+        if receivers is None:
+            callbacks = tuple(c for c in self.callbacks if overrides_hook(c, Callback, name))
+            module_receives = name in MODULE_HOOKS and overrides_hook(self.module, Module, name)
+            receivers = self._hook_receivers[name] = (callbacks, module_receives)
+        return receivers
 
     def _call_callbacks(self, name: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -342,17 +360,34 @@ class Trainer:
             on_step = False  # validation/test and epoch-end hooks only reduce per epoch
             on_epoch = True
         weight = batch_size if batch_size is not None else self._current_batch_size
-        self._results.log(name, to_float(value, name), weight=weight, on_step=on_step, on_epoch=on_epoch,
+        self._results.log(name, self._to_host(value, name), weight=weight, on_step=on_step, on_epoch=on_epoch,
                           prog_bar=prog_bar, logger=logger, reduce_fx=reduce_fx)
+
+    def _to_host(self, value: Any, name: str) -> float:
+        """``to_float(value)``; the last tensor converted is remembered, so a loss that the module
+        logs and returns is copied to the host once per step."""
+        synced = self._last_synced
+        if synced is not None and synced[0] is value and synced[1] == value._inplace_version():
+            return synced[2]
+        number = to_float(value, name)
+        if self._log_context == "train_step" and isinstance(value, paddle.Tensor):
+            self._last_synced = (value, value._inplace_version(), number)
+        return number
 
     def _publish(self, values: dict[str, tuple[float, Any]], step: int | None, to_loggers: bool,
                  extra: dict[str, float] | None = None) -> dict[str, float]:
         """Make metrics visible to callbacks and the progress bar; send them (and ``extra``) to the loggers."""
-        metrics = {name: value for name, (value, _) in values.items()}
+        metrics: dict[str, float] = {}
+        logged: dict[str, float] = {}
+        for name, (value, entry) in values.items():
+            metrics[name] = value
+            if entry.prog_bar:
+                self.progress_bar_metrics[name] = value
+            if to_loggers and entry.logger:
+                logged[name] = value
         self.callback_metrics.update(metrics)
-        self.progress_bar_metrics.update({n: v for n, (v, e) in values.items() if e.prog_bar})
-        logged = {n: v for n, (v, e) in values.items() if e.logger}
-        logged.update(extra or {})
+        if to_loggers:
+            logged.update(extra or {})
         if to_loggers and logged:
             self.logged_metrics.update(logged)
             self.log_metrics(logged, step)
@@ -467,6 +502,7 @@ class Trainer:
         own_callbacks = self.callbacks
         self.callbacks = self._ordered(own_callbacks + list(extra_callbacks or []))
         self.module, model._trainer = model, self
+        self._hook_receivers_for = ()  # hooks are looked up afresh for every run
         self.state_stage, self.failed, self.should_stop = stage, False, False
         self.device = self.strategy.setup(self.device)
         paddle.set_device(self.device)
@@ -497,6 +533,7 @@ class Trainer:
                         logger.finalize(status)
                 self.callbacks = own_callbacks
                 self._results = None
+                self._last_synced = None
 
     def _share_logger_versions(self) -> None:
         """Every rank logs (and checkpoints) under rank 0's ``version`` directory."""
@@ -613,6 +650,7 @@ class Trainer:
             # A step checkpoint is written after the validation of its batch, so a run resumed
             # from it has already validated there.
             validated_at_end = batch_idx > 0 and batch_idx % val_every == 0 and self._validation_due_this_epoch()
+            checkpointers = self.checkpoint_callbacks
             while batch_idx < self.num_training_batches:
                 try:
                     batch = next(iterator)
@@ -626,7 +664,7 @@ class Trainer:
                     self._run_validation(val_loader)
                     validated_at_end = True
                 if stepped:
-                    for callback in self.checkpoint_callbacks:
+                    for callback in checkpointers:
                         callback.on_step_checkpoint(self, module)
                 if self.max_steps is not None and self.global_step >= self.max_steps:
                     break
@@ -649,7 +687,7 @@ class Trainer:
         with self.precision.autocast():
             outputs = self.strategy.training_step(self.model, batch, batch_idx, sync_gradients=sync)
         loss = self._extract_loss(outputs)
-        loss_value = float(loss)
+        loss_value = self._to_host(loss, "loss")  # shared with the module's self.log of the same tensor
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"the training loss is {loss_value} at epoch {self.current_epoch}, batch {batch_idx} "
@@ -666,6 +704,7 @@ class Trainer:
             self._optimizer_step()
             stepped = True
         self._call_hook("on_train_batch_end", outputs, batch, batch_idx)
+        self._last_synced = None  # do not keep this step's tensors alive
         self.progress_bar_metrics["loss"] = sum(self._running_loss) / len(self._running_loss)
         step_values = self._train_results.step_values()
         log_now = stepped and self.global_step % self.log_every_n_steps == 0
@@ -680,17 +719,19 @@ class Trainer:
                              "return a scalar loss tensor or a dict with 'loss'")
         if not isinstance(loss, paddle.Tensor):
             raise TypeError(f"{where} returned a loss of type {type(loss).__name__}; return a scalar paddle.Tensor")
-        if loss.size != 1:
+        if math.prod(loss.shape) != 1:  # not loss.size, which costs more than a small kernel
             raise ValueError(f"{where} returned a loss of shape {list(loss.shape)}; reduce it to a scalar (e.g. .mean())")
         return loss
 
     def _optimizer_step(self) -> None:
-        parameters = [p for p in self.module.parameters() if not p.stop_gradient]
+        parameters = None  # walking a large model's parameters costs; only clipping needs them
         for optimizer in self.optimizers:
             self._call_hook("on_before_optimizer_step", optimizer)
             if self.grad_scaler is not None:
                 self.grad_scaler.unscale_(optimizer)
             if self.gradient_clip_val is not None:
+                if parameters is None:
+                    parameters = [p for p in self.module.parameters() if not p.stop_gradient]
                 with_grad = [p for p in parameters if p.grad is not None]
                 if self.gradient_clip_algorithm == "norm":
                     paddle.nn.utils.clip_grad_norm_(with_grad, self.gradient_clip_val)
@@ -958,10 +999,27 @@ def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:
 
 
 def _close_iterator(iterator: Any) -> None:
-    """Stop a loader iterator's prefetching (it would keep drawing from the global RNGs)."""
+    """Stop a loader iterator's prefetching (it would keep drawing from the global RNGs).
+
+    Paddle's single-process iterator (the one with ``_shutdown_thread``) polls its prefetch
+    thread with ``time.sleep(1)``, so stopping one that has not run to the end (a sanity check,
+    ``limit_*_batches``, ``max_steps``) would cost a second: its thread is stopped and joined
+    here first, the same steps without the sleep.
+    """
     shutdown = getattr(iterator, "_try_shutdown_all", None)
-    if shutdown is not None:
-        shutdown()
+    if shutdown is None:
+        return
+    thread = getattr(iterator, "_thread", None)
+    done = getattr(iterator, "_thread_done_event", None)
+    if (hasattr(iterator, "_shutdown_thread") and isinstance(thread, threading.Thread) and done is not None
+            and not getattr(iterator, "_shutdown", True)):
+        done.set()
+        queue = getattr(iterator, "_blocking_queue", None)
+        if queue is not None:
+            queue.close()  # unblocks a producer waiting to push
+        if thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+    shutdown()
 
 
 def _to_device(batch: Any, device: str) -> Any:

@@ -178,3 +178,31 @@ def test_exception_runs_on_exception_then_end_hooks_then_teardown(tmp_path):
     tail = calls[calls.index(("cb", "on_train_batch_start")):]
     assert tail == both("on_train_batch_start") + [("cb", "on_exception")] + both("on_train_end") + both("on_fit_end") + both("teardown")
     assert trainer.failed
+
+
+def test_overrides_hook_tells_own_hooks_from_inherited_no_ops():
+    from qtrainer.hooks import overrides_hook
+
+    class OneHook(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            pass
+
+    callback = OneHook()
+    assert overrides_hook(callback, Callback, "on_train_batch_end")
+    assert not overrides_hook(callback, Callback, "on_train_batch_start")
+    callback.on_train_batch_start = lambda *args: None  # set on the instance
+    assert overrides_hook(callback, Callback, "on_train_batch_start")
+    assert overrides_hook(callback, Callback, "on_step_checkpoint")  # unknown to the base: called as before
+
+
+def test_hooks_set_on_instances_before_they_fire_are_called(tmp_path):
+    calls = []
+
+    class LateHooks(Callback):
+        def setup(self, trainer, module, stage):
+            self.on_train_batch_end = lambda trainer, module, outputs, batch, batch_idx: calls.append(("cb", batch_idx))
+            module.on_after_backward = lambda: calls.append(("module", "on_after_backward"))
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=2, callbacks=[LateHooks()]))
+    trainer.fit(TinyModule(), make_loader())
+    assert calls == [("module", "on_after_backward"), ("cb", 0), ("module", "on_after_backward"), ("cb", 1)]

@@ -233,3 +233,62 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_module):
     with pytest.raises(FloatingPointError, match="non-finite values in .*net.0.weight"):
         trainer.save_checkpoint(str(tmp_path / "bad.ckpt"))
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_a_loss_of_shape_one_trains(tmp_path):
+    class ShapeOne(TinyModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx).reshape([1])
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=2))
+    trainer.fit(ShapeOne(), make_loader())
+    assert trainer.global_step == 2 and math.isfinite(trainer.progress_bar_metrics["loss"])
+
+
+def test_a_logged_and_returned_loss_is_copied_to_the_host_once_per_step(tmp_path, tiny_module, monkeypatch):
+    returned, copies = [], {}
+    original_item = paddle.Tensor.item
+
+    def counting_item(tensor, *args):
+        copies[id(tensor)] = copies.get(id(tensor), 0) + 1
+        return original_item(tensor, *args)
+
+    class Recording(TinyModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)  # logs train_loss, then returns the same tensor
+            returned.append(loss)
+            return loss
+
+    monkeypatch.setattr(paddle.Tensor, "item", counting_item)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(Recording(), make_loader())
+    assert len(returned) == 4
+    assert [copies.get(id(loss), 0) for loss in returned] == [1, 1, 1, 1]
+
+
+def test_a_loss_changed_in_place_after_logging_is_read_again(tmp_path):
+    class Doubled(TinyModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)  # logs train_loss
+            loss.scale_(2.0)
+            return loss
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(Doubled(), make_loader())
+    logged = trainer.callback_metrics["train_loss_step"]
+    assert trainer.progress_bar_metrics["loss"] == pytest.approx(2 * logged)
+
+
+def test_stopping_a_partly_read_loader_is_quick_and_stops_its_thread():
+    import time
+
+    from qtrainer.trainer import _close_iterator
+
+    iterator = iter(make_loader(n=160, batch_size=8))
+    next(iterator), next(iterator)
+    thread = iterator._thread
+    start = time.perf_counter()
+    _close_iterator(iterator)
+    elapsed = time.perf_counter() - start
+    assert not thread.is_alive()
+    assert elapsed < 0.9, f"closing took {elapsed:.2f} s (Paddle's own shutdown sleeps 1 s)"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from tqdm import tqdm
 
@@ -16,9 +16,10 @@ class TQDMProgressBar(Callback):
     """Show tqdm bars on ``sys.stderr``: one per training epoch, plus validation, test and predict.
 
     The training bar's description holds the epoch; its postfix holds ``trainer.progress_bar_metrics``
-    (the running train ``loss`` and everything logged with ``prog_bar=True``); tqdm shows the rate
-    and the ETA. Only rank 0 draws; nothing is drawn with ``refresh_rate=0``. Bars are closed when
-    a stage ends, on an exception and at teardown.
+    (the running train ``loss`` and everything logged with ``prog_bar=True``), read when tqdm draws
+    the bar (at most every 0.1 s, its ``mininterval``) rather than formatted on every batch; tqdm
+    shows the rate and the ETA. Only rank 0 draws; nothing is drawn with ``refresh_rate=0``. Bars
+    are closed when a stage ends, on an exception and at teardown.
 
     Args:
         refresh_rate: redraw every this many batches (0 disables the bars).
@@ -42,24 +43,25 @@ class TQDMProgressBar(Callback):
     def _active(self, trainer) -> bool:
         return self.is_enabled and bool(trainer.is_global_zero)
 
-    def _new_bar(self, desc: str, total: Any, leave: bool) -> tqdm:
-        return tqdm(
+    def _new_bar(self, desc: str, total: Any, leave: bool,
+                 metrics: Callable[[], Mapping[str, Any]] | None = None) -> tqdm:
+        return _Bar(
             desc=desc,
             total=_as_total(total),
             leave=leave,
             file=sys.stderr,
             dynamic_ncols=True,
             unit="it",
+            metrics=metrics,
         )
 
-    def _advance(self, bar: tqdm | None, done: int, postfix: dict[str, float] | None = None) -> None:
-        """Move ``bar`` to ``done`` batches, redrawing every ``refresh_rate`` batches and at the end."""
+    def _advance(self, bar: tqdm | None, done: int) -> None:
+        """Move ``bar`` to ``done`` batches every ``refresh_rate`` batches and at the end (tqdm
+        redraws it when its ``mininterval`` has passed)."""
         if bar is None:
             return
         if done % self.refresh_rate != 0 and done != bar.total:
             return
-        if postfix is not None:
-            bar.set_postfix(_postfix(postfix), refresh=False)
         bar.update(done - bar.n)
 
     # -- training ------------------------------------------------------------------------
@@ -72,14 +74,15 @@ class TQDMProgressBar(Callback):
             self.train_bar.reset(total=_as_total(trainer.num_training_batches))
             return
         _close(self.train_bar)
-        self.train_bar = self._new_bar(desc, trainer.num_training_batches, leave=True)
+        self.train_bar = self._new_bar(desc, trainer.num_training_batches, leave=True,
+                                       metrics=lambda: trainer.progress_bar_metrics)
 
     def on_train_batch_end(self, trainer, module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._advance(self.train_bar, batch_idx + 1, trainer.progress_bar_metrics)
+        self._advance(self.train_bar, batch_idx + 1)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if self.train_bar is not None:
-            self.train_bar.set_postfix(_postfix(trainer.progress_bar_metrics), refresh=True)
+            self.train_bar.refresh()
 
     def on_train_end(self, trainer, module) -> None:
         self.train_bar = _close(self.train_bar)
@@ -102,7 +105,7 @@ class TQDMProgressBar(Callback):
     def on_validation_end(self, trainer, module) -> None:
         self.val_bar = _close(self.val_bar)
         if self.train_bar is not None and not trainer.sanity_checking:
-            self.train_bar.set_postfix(_postfix(trainer.progress_bar_metrics), refresh=True)
+            self.train_bar.refresh()
 
     # -- test and predict ----------------------------------------------------------------
     def on_test_start(self, trainer, module) -> None:
@@ -139,6 +142,23 @@ class TQDMProgressBar(Callback):
         self.val_bar = _close(self.val_bar)
         self.test_bar = _close(self.test_bar)
         self.predict_bar = _close(self.predict_bar)
+
+
+class _Bar(tqdm):
+    """A tqdm bar whose postfix is ``metrics()``, read only when the bar is drawn (after the
+    first draw, which shows no postfix yet)."""
+
+    _metrics: Callable[[], Mapping[str, Any]] | None = None
+
+    def __init__(self, *args: Any, metrics: Callable[[], Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = metrics
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        if self._metrics is not None:
+            self.set_postfix(_postfix(self._metrics()), refresh=False)
+        return super().format_dict
 
 
 def _close(bar: tqdm | None) -> None:

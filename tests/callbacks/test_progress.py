@@ -102,3 +102,23 @@ def test_unknown_length_gives_a_bar_without_total(make_trainer, capsys):
 def test_bad_refresh_rate_is_named():
     with pytest.raises(ValueError, match="refresh_rate=-1"):
         TQDMProgressBar(refresh_rate=-1)
+
+
+def test_postfix_is_read_when_the_bar_draws_not_on_every_batch(make_trainer, capsys, monkeypatch):
+    from qtrainer.callbacks import progress
+
+    formatted = []
+    original = progress._postfix
+    monkeypatch.setattr(progress, "_postfix", lambda metrics: formatted.append(dict(metrics)) or original(metrics))
+    trainer = make_trainer()
+    trainer.num_training_batches = 200
+    bar = TQDMProgressBar()
+    bar.on_train_epoch_start(trainer, None)
+    for i in range(200):
+        trainer.progress_bar_metrics = {"loss": float(i)}
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    bar.on_train_epoch_end(trainer, None)
+    bar.on_train_end(trainer, None)
+    assert 1 <= len(formatted) < 50  # tqdm redraws at most every 0.1 s, not 200 times
+    assert formatted[-1] == {"loss": 199.0}
+    assert "loss=199" in capsys.readouterr().err

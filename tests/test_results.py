@@ -1,0 +1,25 @@
+"""What ``self.log`` accepts as a value: scalars of any dtype, converted exactly."""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from qtrainer.results import to_float
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int64"])
+def test_scalar_tensors_of_every_dtype_convert_to_their_value(dtype):
+    assert to_float(paddle.to_tensor(3.0).astype(dtype), "x") == 3.0
+
+
+def test_one_element_tensors_arrays_and_numbers_convert():
+    assert to_float(paddle.to_tensor([1.25]), "x") == 1.25
+    assert to_float(np.array([[2.5]], dtype="float32"), "x") == 2.5
+    assert to_float(7, "x") == 7.0
+
+
+@pytest.mark.parametrize("value", [paddle.ones([2]), np.zeros(3)])
+def test_non_scalars_are_refused_with_their_shape(value):
+    with pytest.raises(ValueError, match=r"self.log\('acc', ...\) needs a scalar, got a value of shape \[\d\]"):
+        to_float(value, "acc")
