@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--reuse", action="store_true", help="keep finished methods' results, run the missing ones")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the runs after FP32 (data order, init)")
+    parser.add_argument("--fp32-from", help="the --out of an earlier run: start from its FP32 model instead of training one")
+    parser.add_argument("--methods", nargs="+", choices=["ptq", "qat", "dynamic"], default=["ptq", "qat", "dynamic"])
     parser.add_argument("--json-name", help="results file name (default recipe_accuracy_<arch>)")
     args = parser.parse_args()
 
@@ -92,17 +95,21 @@ def main() -> None:
         if value is not None:
             common += [flag, str(value)]
     out = os.path.abspath(args.out)
-    base_out = os.path.join(out, "fp32")
+    base_out = os.path.join(os.path.abspath(args.fp32_from) if args.fp32_from else out, "fp32")
     weights = os.path.join(base_out, args.arch, "fp32", "net.pdparams")
 
     defaults = ARCHS[args.arch].fashion
     qat_steps = args.qat_max_steps or defaults.qat_max_steps
     rows: dict[str, dict[str, Any]] = {}
     fp32_extra = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-    rows["FP32"] = run_method(args.arch, "fp32", base_out, fp32_extra, common, args.reuse)
-    control = ["--pretrained", weights, "--lr", str(defaults.qat_lr), "--max-steps", str(qat_steps)]
-    rows[CONTROL] = run_method(args.arch, "fp32", os.path.join(out, "fp32_control"), control, common, args.reuse)
+    rows["FP32"] = run_method(args.arch, "fp32", base_out, fp32_extra, common, args.reuse or bool(args.fp32_from))
+    common += ["--seed", str(args.seed)]
+    if "qat" in args.methods:
+        control = ["--pretrained", weights, "--lr", str(defaults.qat_lr), "--max-steps", str(qat_steps)]
+        rows[CONTROL] = run_method(args.arch, "fp32", os.path.join(out, "fp32_control"), control, common, args.reuse)
     for label, method, extra in VARIANTS:
+        if method not in args.methods:
+            continue
         variant_out = os.path.join(out, label.lower().replace(" ", "_"))
         steps = ["--qat-max-steps", str(qat_steps)] if method == "qat" else []
         rows[label] = run_method(args.arch, method, variant_out, ["--pretrained", weights, *extra, *steps], common,
@@ -123,7 +130,7 @@ def main() -> None:
                  "goal drop pt", "train steps", "wall s"], table)
     path = write_json(args.json_name or f"recipe_accuracy_{args.arch}", {
         "command": "python benchmarks/recipe_accuracy.py " + " ".join(sys.argv[1:]),
-        "arch": args.arch,
+        "arch": args.arch, "seed_after_fp32": args.seed,
         "settings": {"image_size": args.image_size or defaults.image_size, "width": defaults.width,
                      "fp32_steps": rows["FP32"].get("steps"), "qat_steps": qat_steps, "qat_lr": defaults.qat_lr,
                      "calib_batches": defaults.calib_batches, "batch_size": defaults.batch_size,
