@@ -75,3 +75,21 @@ def test_all_methods_end_to_end_on_a_small_slice(tmp_path):
     dynamic = json.load(open(tmp_path / "out" / "mobilenet_v1" / "dynamic" / "results.json"))
     assert dynamic["params_ratio"] <= 0.35  # BatchNorm parameters stay float in this narrow model
     assert os.path.isdir(tmp_path / "out" / "mobilenet_v1" / "qat" / "version_0")  # TensorBoard run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "resnet50"])
+def test_every_other_architecture_runs_every_method(tmp_path, arch):
+    """The README's four architectures x four methods: the three not covered above, reduced."""
+    data = write_folder(tmp_path / "data")
+    width = ["--width", "0.25"] if arch.startswith("mobilenet") else []
+    # a tiny learning rate: two Adam steps on batches of 4 can send ResNet50's eval-mode activations to
+    # 1e30, which the calibrators refuse as divergence (a clear error, tested elsewhere)
+    summary = run.main([arch, "all", "--max-steps", "2", "--qat-max-steps", "1", "--calib-batches", "1",
+                        "--lr", "1e-6", "--qat-lr", "1e-6", "--data", data, *width, *args(tmp_path)])
+    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
+    for method in ("ptq", "qat"):
+        result = json.load(open(tmp_path / "out" / arch / method / "results.json"))
+        assert result["images"] == 8 and sum(result["int8_ops"].values()) > 0, (method, result["int8_ops"])
+    dynamic = json.load(open(tmp_path / "out" / arch / "dynamic" / "results.json"))
+    assert dynamic["params_ratio"] < 0.5
