@@ -19,7 +19,14 @@ MEAN, STD = 0.2860, 0.3530
 def normalised(split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images float32 [N, 1, 28, 28] standardised, labels int64 [N])`` of a Fashion-MNIST split."""
     images, labels = load_fashion_mnist(split)
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None], labels
+    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None], labels.astype("int64")
+
+
+def dygraph_logits(net: paddle.nn.Layer, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """``net``'s logits for every image, ``batch`` images at a time, without gradients (mode as set)."""
+    with paddle.no_grad():
+        return np.concatenate([net(paddle.to_tensor(images[i:i + batch])).numpy()
+                               for i in range(0, len(images), batch)])
 
 
 def train(steps: int, batch_size: int, lr: float) -> paddle.nn.Layer:

@@ -28,10 +28,10 @@ import paddle
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import print_table, write_json  # noqa: E402
-from _fashion import normalised, train  # noqa: E402
+from _fashion import dygraph_logits, normalised, train  # noqa: E402
 from qtrainer.device import set_num_threads  # noqa: E402
 from qtrainer.quant import PTQ  # noqa: E402
-from qtrainer.quant.inference import create_predictor, load_int8_predictor, predict  # noqa: E402
+from qtrainer.quant.inference import create_predictor, load_int8_predictor, run_predictor  # noqa: E402
 from qtrainer.quant.ptq import calibrate  # noqa: E402
 
 CALIBRATORS = ("KLQuantizer", "HistQuantizer", "AbsmaxQuantizer", "MSEQuantizer")
@@ -39,14 +39,7 @@ SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "image")]
 
 
 def deployed_logits(predictor, images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([predict(predictor, images[i:i + batch])[0] for i in range(0, len(images), batch)])
-
-
-def dygraph_logits(net: paddle.nn.Layer, images: np.ndarray, batch: int) -> np.ndarray:
-    net.eval()
-    with paddle.no_grad():
-        return np.concatenate([net(paddle.to_tensor(images[i:i + batch])).numpy()
-                               for i in range(0, len(images), batch)])
+    return run_predictor(predictor, ([images[i:i + batch]] for i in range(0, len(images), batch)))[0]
 
 
 def main() -> None:

@@ -40,12 +40,10 @@ from paddle import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, median, print_table, write_json  # noqa: E402
-from qtrainer.data import load_fashion_mnist  # noqa: E402
+from _fashion import dygraph_logits, normalised  # noqa: E402
 from qtrainer.quant.export import export_quantized_model  # noqa: E402
 from qtrainer.quant.inference import create_predictor, load_int8_predictor, predict, run_predictor  # noqa: E402
 from qtrainer.quant.qat import QAT  # noqa: E402
-
-MEAN, STD = 0.2860, 0.3530
 
 
 # ====================================================================== accuracy / agreement
@@ -58,11 +56,6 @@ def small_cnn(num_classes: int = 10) -> nn.Layer:
 
     return nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten(),
                          nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes))
-
-
-def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_fashion_mnist(split)
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None], labels.astype("int64")
 
 
 def train_steps(net: nn.Layer, images, labels, steps: int, batch_size: int, lr: float, seed: int) -> float:
@@ -83,15 +76,9 @@ def train_steps(net: nn.Layer, images, labels, steps: int, batch_size: int, lr: 
     return float(loss)
 
 
-def dygraph_logits(net: nn.Layer, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    with paddle.no_grad():
-        return np.concatenate([net(paddle.to_tensor(images[i:i + batch])).numpy()
-                               for i in range(0, len(images), batch)])
-
-
 def accuracy_part(args, workdir: str) -> dict:
-    train_x, train_y = fashion_mnist("train")
-    test_x, test_y = fashion_mnist("test")
+    train_x, train_y = normalised("train")
+    test_x, test_y = normalised("test")
     if args.quick:
         test_x, test_y = test_x[:2000], test_y[:2000]
     paddle.seed(0)

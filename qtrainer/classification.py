@@ -95,6 +95,7 @@ class ClassificationModule(Module):
 
     def configure_optimizers(self):
         learning_rate: float | LRScheduler = self.lr
+        interval = "epoch"
         if callable(self.scheduler_name):
             learning_rate = self.scheduler_name(self.lr)
         elif self.scheduler_name is not None:
@@ -116,7 +117,6 @@ class ClassificationModule(Module):
             optimizer = paddle.optimizer.Momentum(learning_rate, momentum=self.momentum, parameters=params,
                                                   weight_decay=self.weight_decay or None)
         if isinstance(learning_rate, LRScheduler):
-            interval = "epoch" if callable(self.scheduler_name) else self._schedule_span()[1]
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": learning_rate, "interval": interval}}
         return optimizer
 
