@@ -28,23 +28,22 @@ ARCHS = {
     "resnet18": lambda: models.resnet18(num_classes=10),
     "resnet50": lambda: models.resnet50(num_classes=10),
 }
-ARCH = "mobilenet_v1"
 
 
-def make(config):
+def make(arch: str, config):
     paddle.seed(1)
-    net = ARCHS[ARCH]()
+    net = ARCHS[arch]()
     if config is not None:
         QAT(config).quantize(net)
     net.train()
     return net, paddle.optimizer.Momentum(0.01, parameters=net.parameters())
 
 
-def make_paddle_qat():
+def make_paddle_qat(arch: str):
     from paddle.quantization import ImperativeQuantAware
 
     paddle.seed(1)
-    net = ARCHS[ARCH]()
+    net = ARCHS[arch]()
     ImperativeQuantAware(weight_quantize_type="channel_wise_abs_max",
                          activation_quantize_type="moving_average_abs_max").quantize(net)
     net.train()
@@ -60,16 +59,14 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    global ARCH
-    ARCH = args.arch
     logging.disable(logging.INFO)
     paddle.base.core.set_num_threads(args.threads)
     x = paddle.randn([args.batch_size, 3, args.image_size, args.image_size])
     y = paddle.randint(0, 10, [args.batch_size, 1])
-    variants = {"fp32": make(None), "qat": make({}),
-                "qat_pact": make({"activation_preprocess_type": "PACT", "pact_warmup_steps": 1})}
+    variants = {"fp32": make(args.arch, None), "qat": make(args.arch, {}),
+                "qat_pact": make(args.arch, {"activation_preprocess_type": "PACT", "pact_warmup_steps": 1})}
     if args.paddle:
-        variants["paddle_imperative_qat"] = make_paddle_qat()
+        variants["paddle_imperative_qat"] = make_paddle_qat(args.arch)
 
     def step(net, optimizer):
         loss = paddle.nn.functional.cross_entropy(net(x), y)
