@@ -51,10 +51,10 @@ class Settings:
     batch_size: int
     workers: int
     fp32_lr: float
-    fp32_epochs: int
+    fp32_epochs: int | None  # None: as many as --max-steps needs
     fp32_max_steps: int | None
     qat_lr: float
-    qat_epochs: int
+    qat_epochs: int | None
     qat_max_steps: int | None
     calib_batches: int
     optimizer: str
@@ -94,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (default: Fashion-MNIST)")
     parser.add_argument("--out", default="recipe_runs", help="output directory (default: recipe_runs)")
     parser.add_argument("--epochs", type=int, help="training epochs (FP32; QAT uses --qat-epochs)")
-    parser.add_argument("--max-steps", type=int, help="cap on FP32 optimizer steps")
+    parser.add_argument("--max-steps", type=int, help="FP32 optimizer steps (alone: as many epochs as they take)")
     parser.add_argument("--qat-epochs", type=int)
-    parser.add_argument("--qat-max-steps", type=int)
+    parser.add_argument("--qat-max-steps", type=int, help="QAT optimizer steps (alone: as many epochs as they take)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="FP32 learning rate")
     parser.add_argument("--qat-lr", type=float)
@@ -128,13 +128,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     def pick(value, default):
         return default if value is None else value
 
+    def epochs(given, max_steps, default):  # --max-steps alone: train until that step, as Lightning does
+        return given if given is not None else (None if max_steps is not None else default)
+
     return Settings(
         arch=args.arch, method=args.method, data=args.data, out=os.path.abspath(args.out),
         image_size=pick(args.image_size, defaults.image_size), width=pick(args.width, defaults.width),
         batch_size=pick(args.batch_size, defaults.batch_size), workers=args.workers,
-        fp32_lr=pick(args.lr, defaults.fp32_lr), fp32_epochs=pick(args.epochs, defaults.fp32_epochs),
+        fp32_lr=pick(args.lr, defaults.fp32_lr), fp32_epochs=epochs(args.epochs, args.max_steps, defaults.fp32_epochs),
         fp32_max_steps=args.max_steps if args.max_steps is not None else (None if args.epochs else defaults.fp32_max_steps),
-        qat_lr=pick(args.qat_lr, defaults.qat_lr), qat_epochs=pick(args.qat_epochs, defaults.qat_epochs),
+        qat_lr=pick(args.qat_lr, defaults.qat_lr), qat_epochs=epochs(args.qat_epochs, args.qat_max_steps, defaults.qat_epochs),
         qat_max_steps=args.qat_max_steps if args.qat_max_steps is not None else (None if args.qat_epochs else defaults.qat_max_steps),
         calib_batches=pick(args.calib_batches, defaults.calib_batches), optimizer=defaults.optimizer,
         pretrained=args.pretrained, from_scratch=args.from_scratch, pact=args.pact, weight_bits=args.weight_bits,

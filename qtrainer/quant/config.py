@@ -15,6 +15,10 @@ key                             default                       accepted
 ``quantizable_layer_type``      ``['Conv2D', 'Linear']``      non-empty subset of the supported types
 ==============================  ============================  ==============================================
 
+Weights with fewer than 8 bits are simulated on the levels Paddle's int8 kernels deploy them with:
+a 4-bit weight takes 15 values per channel, ``round(k * 127 / 7) * T / 127`` for k in -7..7, each
+within half an int8 step of the uniform 4-bit level ``k * T / 7`` (``qtrainer.quant.quanters``).
+
 Quantizable layer types: ``'Conv2D'`` (plain, grouped and depthwise; weight ``[out, in/groups, kh,
 kw]``, channel axis 0) and ``'Linear'`` (weight ``[in, out]``, channel axis 1). Those are the layers
 Paddle Inference's CPU int8 pass quantizes (``conv2d``/``depthwise_conv2d`` and ``fc``/``matmul``).

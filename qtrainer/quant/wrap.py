@@ -59,7 +59,7 @@ from qtrainer.quant.observers import (
     PerChannelAbsMaxObserver,
 )
 from qtrainer.quant.pact import PACT, PACTQuanter
-from qtrainer.quant.quanters import FakeQuanter, fake_quant
+from qtrainer.quant.quanters import FakeQuanter
 
 __all__ = [
     "QuantedLayer",
@@ -162,7 +162,7 @@ class QuantedLayer(nn.Layer):
         w = self.effective_weight()
         with paddle.no_grad():
             if isinstance(self.weight_quanter, FakeQuanter):
-                return fake_quant(w, self.weight_scale(), self.weight_bits, self.weight_axis)
+                return self.weight_quanter.quantize_with(w, self.weight_scale())
             return self.weight_quanter(w).detach()
 
     def extra_repr(self) -> str:
@@ -295,9 +295,9 @@ def _build_quanted(
         w_q = _construct(weight_quantize, "weight_quantize", quant_bits=w_bits, axis=w_axis)
     elif channel_wise:
         channels = layer.weight.shape[w_axis]
-        w_q = FakeQuanter(PerChannelAbsMaxObserver(w_bits, w_axis, channels), observe="always")
+        w_q = FakeQuanter(PerChannelAbsMaxObserver(w_bits, w_axis, channels), observe="always", int8_grid=True)
     else:
-        w_q = FakeQuanter(AbsMaxObserver(w_bits), observe="always")
+        w_q = FakeQuanter(AbsMaxObserver(w_bits), observe="always", int8_grid=True)
 
     return _QUANTED_TYPES[layer_type](
         layer,

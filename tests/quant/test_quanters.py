@@ -17,6 +17,7 @@ from qtrainer.quant.quanters import (
     _fake_quant_plain,
     fake_quant,
     fake_quant_reference,
+    snap_to_int8_grid,
 )
 
 
@@ -208,6 +209,38 @@ def test_fused_weight_path_equals_observe_then_fake_quant(observer, axis, shape)
     )
     expected = _np_fake_quant(w_np, expected_t, bits, axis)
     np.testing.assert_allclose(outs[0], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("observer", ["per_tensor", "per_channel"])
+def test_low_bit_weights_use_the_int8_levels_paddle_deploys(bits, observer):
+    """Below 8 bits an int8-grid weight quanter outputs round(k * 127 / qmax) * T / 127 (what
+    Paddle's int8 kernels hold after re-quantizing with the channel's abs max), with an identity gradient."""
+    obs = AbsMaxObserver(bits) if observer == "per_tensor" else PerChannelAbsMaxObserver(bits, 0, 6)
+    quanter = FakeQuanter(obs, observe="always", int8_grid=True)
+    x = paddle.to_tensor(_rand((6, 3, 3, 3), seed=bits), stop_gradient=False)
+    out = quanter(x)
+    out.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.ones_like(x.numpy()))
+    axis = None if observer == "per_tensor" else 0
+    t = np.abs(x.numpy()).max() if axis is None else np.abs(x.numpy()).reshape(6, -1).max(1)
+    qmax = 2 ** (bits - 1) - 1
+    uniform = _np_fake_quant(x.numpy(), t, bits, axis)
+    tb = np.asarray(t, "float32").reshape([-1, 1, 1, 1] if axis == 0 else [1])
+    expected = np.round(np.round(uniform / tb * qmax) * 127 / qmax) * tb / 127
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert np.abs(out.numpy() - uniform).max() <= tb.max() / 254 * 1.0001  # within half an int8 step
+    # the same levels through the export's path and the standalone function
+    np.testing.assert_allclose(quanter.quantize_with(x, quanter.scale()).numpy(), expected, rtol=1e-6, atol=1e-7)
+    snapped = snap_to_int8_grid(paddle.to_tensor(uniform), paddle.to_tensor(np.asarray(t, "float32").reshape([-1])), axis)
+    np.testing.assert_allclose(snapped.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_int8_grid_is_a_no_op_at_8_bits():
+    quanter = FakeQuanter(PerChannelAbsMaxObserver(8, 0, 6), observe="always", int8_grid=True)
+    assert not quanter.int8_grid
+    x = paddle.to_tensor(_rand((6, 4)))
+    np.testing.assert_allclose(quanter(x).numpy(), _np_fake_quant(x.numpy(), np.abs(x.numpy()).max(1), 8, 0), rtol=1e-6)
 
 
 def test_record_clipping_stores_the_fraction_beyond_the_threshold():

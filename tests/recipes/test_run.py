@@ -39,6 +39,23 @@ def test_unknown_arch_method_or_option_lists_the_choices(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_max_steps_alone_trains_as_many_epochs_as_they_take(tmp_path):
+    """`--max-steps 2800` on a 937-step epoch must not stop at the recipe's default of one epoch."""
+    default = run.parse_args(["mobilenet_v1", "all"])
+    assert (default.fp32_epochs, default.fp32_max_steps, default.qat_epochs, default.qat_max_steps) == (1, 600, 1, 150)
+    steps = run.parse_args(["mobilenet_v1", "all", "--max-steps", "2800", "--qat-max-steps", "1000"])
+    assert (steps.fp32_epochs, steps.fp32_max_steps, steps.qat_epochs, steps.qat_max_steps) == (None, 2800, None, 1000)
+    both = run.parse_args(["mobilenet_v1", "all", "--epochs", "2", "--max-steps", "2800"])
+    assert (both.fp32_epochs, both.fp32_max_steps) == (2, 2800)
+    epochs = run.parse_args(["mobilenet_v1", "all", "--epochs", "3"])
+    assert (epochs.fp32_epochs, epochs.fp32_max_steps) == (3, None)
+    # and the trainer really goes past the first epoch: 2 images a class, batch 4 -> 1 step an epoch
+    data = write_folder(tmp_path / "data", train=2)
+    run.main(["mobilenet_v1", "fp32", "--data", data, "--max-steps", "3", *args(tmp_path)])
+    with open(tmp_path / "out" / "mobilenet_v1" / "fp32" / "results.json") as handle:
+        assert json.load(handle)["steps"] == 3
+
+
 def test_data_that_is_not_imagenet_style_says_what_layout_is_expected(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(Exception, match="train"):
