@@ -1009,29 +1009,38 @@ class _Attempt:
 def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
     """Weight variables of the ``conv2d`` ops whose output goes only to a residual add.
 
-    The pattern is ``conv2d -> elementwise_add`` or ``conv2d -> batch_norm -> elementwise_add``
-    (each the single consumer); a conv's weight is the ``X`` of the ``dequantize_linear`` that
-    feeds its ``Filter``.
+    The pattern is ``conv2d [-> bias add] [-> batch_norm] -> elementwise_add`` of two tensors
+    computed from the input, each step the single consumer of the previous one. A bias add (one
+    side computed from parameters only) is looked through. A conv's weight is the ``X`` of the
+    ``dequantize_linear`` that feeds its ``Filter``.
     """
     consumers: dict[str, list[Any]] = {}
+    computed: set[str] = set()  # depends on the input (the ops are in program order)
     for op in ops:
-        for names in op.inputs.values():
-            for name in names:
-                consumers.setdefault(name, []).append(op)
+        inputs = [name for names in op.inputs.values() for name in names]
+        for name in inputs:
+            consumers.setdefault(name, []).append(op)
+        if op.type == "feed" or any(name in computed for name in inputs):
+            computed.update(name for names in op.outputs.values() for name in names)
 
-    def feeds_add(var: str) -> bool:
+    def feeds_residual_add(var: str) -> bool:
         users = consumers.get(var, [])
         if len(users) != 1:
             return False
-        if users[0].type == "elementwise_add":
-            return True
-        return users[0].type == "batch_norm" and feeds_add(users[0].outputs["Y"][0])
+        user = users[0]
+        if user.type == "elementwise_add":
+            others = [n for n in (*user.inputs.get("X", []), *user.inputs.get("Y", [])) if n != var]
+            if others and all(n in computed for n in others):
+                return True
+            return feeds_residual_add(user.outputs["Out"][0])  # a bias add
+        return user.type == "batch_norm" and feeds_residual_add(user.outputs["Y"][0])
 
     dequantized = {op.outputs["Y"][0]: op.inputs["X"][0] for op in ops if op.type == "dequantize_linear"}
     return {
         dequantized[op.inputs["Filter"][0]]
         for op in ops
-        if op.type == "conv2d" and op.inputs["Filter"][0] in dequantized and feeds_add(op.outputs["Output"][0])
+        if op.type == "conv2d" and op.inputs["Filter"][0] in dequantized
+        and feeds_residual_add(op.outputs["Output"][0])
     }
 
 

@@ -280,6 +280,18 @@ def test_residual_adds_stay_float_and_every_conv_runs_int8(fmnist, tmp_path, mon
     ops = read_program_ops(str(tmp_path / "res.pdmodel"))
     assert sum(op.type == "scale" for op in ops) >= 3
 
+    # PTQ folds the batch norms into biased convs: the bias add is not a residual add
+    from qtrainer.quant.ptq import PTQ, calibrate
+
+    paddle.seed(0)
+    fp32 = train(SmallResNet(), images, labels, 60, 2e-3)
+    ptq = PTQ(activation_quantizer="AbsmaxQuantizer")
+    folded = ptq.quantize(fp32, fuse=True)
+    calibrate(folded, [paddle.to_tensor(images[i:i + 128]) for i in range(0, 512, 128)])
+    ptq_report = ptq.save_quantized_model(folded, str(tmp_path / "ptq"), **options)
+    assert {e.name for e in ptq_report.layers if e.float_output} == flagged
+    assert ptq_report.passed and sum(ptq_report.check.int8_ops.values()) == len(ptq_report.int8_layers) == 6
+
     monkeypatch.setattr(export_module, "residual_conv_weights", lambda ops: set())
     fused = export_quantized_model(net, str(tmp_path / "fused"), **options)
     assert not any(e.float_output for e in fused.layers)
