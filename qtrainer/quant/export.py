@@ -122,7 +122,7 @@ from qtrainer.quant.base import Quanter, qmax_for_bits
 from qtrainer.quant.inference import load_int8_predictor, read_program_ops, run_predictor
 from qtrainer.quant.observers import MIN_SCALE
 from qtrainer.quant.pact import PACTQuanter
-from qtrainer.quant.quanters import FakeQuanter, fake_quant
+from qtrainer.quant.quanters import INT8_QMAX, FakeQuanter, fake_quant
 from qtrainer.quant.selfcheck import (
     CheckResult,
     compare_outputs,
@@ -144,7 +144,6 @@ _JSON_SUFFIX = ".quant.json"
 _ON_FAILURE = ("raise", "write")
 _CLIP_CHOICES = ("auto", True, False)
 _INT8_BITS = 8
-_INT8_QMAX = 127.0  # the int8 weight codes Paddle's kernels use: -127..127
 # The u8 scale of an unsigned 8-bit activation: codes of [0, T] are 0..127, as in the simulation.
 _U8_FACTOR = 255.0 / 127.0
 # A threshold this small means the layer only ever saw zeros; Paddle would leave it in float.
@@ -907,8 +906,8 @@ def _weight_plan(layer: QuantedLayer, plan: LayerExport) -> tuple[np.ndarray | N
         shape = [1] * simulated.ndim
         shape[axis % simulated.ndim] = -1
         t = threshold.reshape(shape)
-    codes = simulated / np.maximum(t, MIN_SCALE) * _INT8_QMAX  # Paddle's kernels: the int8 grid of T
-    rounded = np.clip(np.round(codes), -_INT8_QMAX, _INT8_QMAX)
+    codes = simulated / np.maximum(t, MIN_SCALE) * INT8_QMAX  # Paddle's kernels: the int8 grid of T
+    rounded = np.clip(np.round(codes), -INT8_QMAX, INT8_QMAX)
     plan.weight_grid_error = float(np.max(np.abs(codes - rounded))) if codes.size else 0.0
     if plan.weight_grid_error > 0.01:
         logger.warning(

@@ -43,7 +43,7 @@ from paddle.autograd import PyLayer
 from paddle.framework import in_dynamic_mode
 
 from qtrainer.quant.base import Observer, Quanter, qmax_for_bits
-from qtrainer.quant.observers import AbsMaxObserver, PerChannelAbsMaxObserver
+from qtrainer.quant.observers import MIN_SCALE, AbsMaxObserver, PerChannelAbsMaxObserver
 
 # Fused abs-max fake quant-dequant kernels (Paddle's own QAT ops), used for weights.
 _FUSED_ABS_MAX = getattr(_C_ops, "fake_quantize_dequantize_abs_max", None)
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 OBSERVE_MODES = ("train", "always", "never")
 _QMAX = {bits: float(2 ** (bits - 1) - 1) for bits in range(2, 17)}  # checked by qmax_for_bits
-_MIN_THRESHOLD = 1e-12  # an all-zero channel: its values stay 0
+INT8_QMAX = _QMAX[8]  # the int8 codes Paddle's kernels hold: -127..127
 
 
 def _qmax(bits: int) -> float:
@@ -163,13 +163,13 @@ def snap_to_int8_grid(x_q: paddle.Tensor, threshold: paddle.Tensor, axis: int | 
     t = threshold.detach()
     if axis is not None:
         t = t.reshape(_broadcast_shape(x_q.ndim, _normalise_axis(axis, x_q.ndim)))
-    t = paddle.clip(t, min=_MIN_THRESHOLD)
+    t = paddle.clip(t, min=MIN_SCALE)  # as the observers' scale() and the export's weight codes
     if not in_dynamic_mode():
-        return paddle.round(x_q / t * 127.0) * t / 127.0
+        return paddle.round(x_q / t * INT8_QMAX) * t / INT8_QMAX
     buf = x_q.detach()
-    buf.multiply_(127.0 / t)
+    buf.multiply_(INT8_QMAX / t)
     buf.round_()
-    buf.multiply_(t / 127.0)
+    buf.multiply_(t / INT8_QMAX)
     return x_q
 
 

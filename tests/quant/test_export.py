@@ -267,6 +267,7 @@ def test_residual_adds_stay_float_and_every_conv_runs_int8(fmnist, tmp_path, mon
     images, labels, _, _ = fmnist
     paddle.seed(0)
     net = train(SmallResNet(), images, labels, 60, 2e-3)
+    fp32 = copy.deepcopy(net)
     QAT().quantize(net)
     train(net, images, labels, 20, 5e-4, seed=1)
     # the stem (signed input: s8 kernels are inexact without VNNI) as fake-quant, as the self-check would
@@ -283,8 +284,6 @@ def test_residual_adds_stay_float_and_every_conv_runs_int8(fmnist, tmp_path, mon
     # PTQ folds the batch norms into biased convs: the bias add is not a residual add
     from qtrainer.quant.ptq import PTQ, calibrate
 
-    paddle.seed(0)
-    fp32 = train(SmallResNet(), images, labels, 60, 2e-3)
     ptq = PTQ(activation_quantizer="AbsmaxQuantizer")
     folded = ptq.quantize(fp32, fuse=True)
     calibrate(folded, [paddle.to_tensor(images[i:i + 128]) for i in range(0, 512, 128)])
