@@ -374,14 +374,16 @@ def test_linear_on_3d_input(tmp_path):
 
 # ---------------------------------------------------------------------- self-check and fallback
 def test_failing_int8_layer_falls_back_to_float(trained, fmnist, tmp_path, monkeypatch):
-    """Force the all-int8 export to fail: the signed-input first conv is the first guess."""
+    """Force the all-int8 export to fail numerically on any CPU: the signed-input first conv is the first guess."""
     real_judge = export_module.judge
     total = len(list(iter_quanted_layers(trained)))
 
     def judge(samples, rel_l2, agreement, int8_ops, expected, *args):
         result = real_judge(samples, rel_l2, agreement, int8_ops, expected, *args)
         if expected == total:
+            # a numeric failure, whatever this CPU computes: the fallback search must run
             result.failures.append("forced: all-int8 export rejected by the test")
+            result.numeric_failures += 1
         return result
 
     monkeypatch.setattr(export_module, "judge", judge)
