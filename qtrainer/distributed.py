@@ -348,7 +348,7 @@ def _run_in_process(payload: bytes, stage: str, result_dir: str) -> None:
 
 def _final_state(trainer, model, kwargs: dict[str, Any], returned: Any) -> dict[str, Any]:
     """What rank 0 hands back to the calling process (see ``_adopt``)."""
-    callbacks = trainer._ordered(trainer.callbacks + list(kwargs.get("callbacks") or []))
+    callbacks = trainer._ordered(trainer._with_run_callbacks(list(kwargs.get("callbacks") or [])))
     return {
         "state_dict": {k: v.numpy() for k, v in model.state_dict().items()},
         "trainer_state": {name: getattr(trainer, name) for name in (
@@ -449,7 +449,7 @@ def spawn_run(trainer, stage: str, model, kwargs: dict[str, Any]) -> Any:
 def _adopt(trainer, model, extra_callbacks: list | None, result: dict[str, Any]) -> None:
     """Give this process's ``model``/``trainer``/callbacks rank 0's final state."""
     own = trainer.callbacks
-    trainer.callbacks = trainer._ordered(own + list(extra_callbacks or []))
+    trainer.callbacks = trainer._ordered(trainer._with_run_callbacks(list(extra_callbacks or [])))
     trainer.module, model._trainer = model, trainer
     try:
         trainer._call_hook("configure_model")  # the structure the processes trained (e.g. QAT layers)

@@ -27,6 +27,12 @@ def to_float(value: Any, name: str) -> float:
         array = np.asarray(value.numpy())
     else:
         array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"self.log({name!r}, {value!r:.60}): a metric must be a number: an int, a float, a bool, a numpy "
+            f"scalar or a one-element paddle.Tensor, got {type(value).__name__}"
+            + (" (log text with a logger's own API instead)" if isinstance(value, (str, bytes)) else "")
+        )
     if array.size != 1:
         raise ValueError(f"self.log({name!r}, ...) needs a scalar, got a value of shape {list(array.shape)}")
     return float(array.reshape(()))

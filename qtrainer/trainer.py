@@ -6,12 +6,12 @@ the optimizer is built and before checkpoint weights are restored.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import logging
 import math
 import os
 import tempfile
-import threading
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -21,6 +21,7 @@ import paddle
 from qtrainer import __version__
 from qtrainer.callbacks.base import Callback
 from qtrainer.checkpoint_io import FORMAT_VERSION, CheckpointError, load_checkpoint_file, save_checkpoint_file
+from qtrainer.data.iterators import close_iterator as _close_iterator, guard_iterator
 from qtrainer.device import default_num_threads, resolve_device, resolve_precision, set_num_threads
 from qtrainer.distributed import agree_on_batches, resolve_strategy
 from qtrainer.hooks import MODULE_HOOKS, overrides_hook
@@ -104,7 +105,8 @@ class Trainer:
         callbacks: callbacks for every run of this Trainer.
         logger: a Logger, a list of them, True (TensorBoard under ``default_root_dir``) or False.
         enable_progress_bar / enable_checkpointing: add the default progress bar /
-            ``ModelCheckpoint`` when none is given.
+            ``ModelCheckpoint`` when none is given (one given to ``fit(callbacks=...)`` replaces
+            the default for that call).
         default_root_dir: where logs and checkpoints go (default: the working directory).
         log_every_n_steps: how often per-step metrics are sent to the loggers.
         strategy: ``"auto"`` (data-parallel under ``paddle.distributed.launch`` or with
@@ -219,6 +221,7 @@ class Trainer:
         self._log_context = "train_step"
         self._running_loss: deque[float] = deque(maxlen=_RUNNING_LOSS_WINDOW)
         self._accumulated = 0
+        self._gradients_checked = False
         self._current_batch_size = 1
         self._hook_receivers: dict[str, tuple[tuple[Callback, ...], bool]] = {}
         self._hook_receivers_for: tuple = ()
@@ -244,14 +247,27 @@ class Trainer:
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(f"callbacks must be qtrainer Callback instances; got {type(callback).__name__}")
-        has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-        if has_checkpoint and not checkpointing:
+        if not checkpointing and any(isinstance(c, ModelCheckpoint) for c in callbacks):
             raise ValueError("a ModelCheckpoint was passed in callbacks but enable_checkpointing=False; drop one of them")
-        if checkpointing and not has_checkpoint:
+        self._default_callbacks: tuple[Callback, ...] = ()  # replaced by a user's callback of the same kind
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint())
+            self._default_callbacks += (callbacks[-1],)
         if progress_bar and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
             callbacks.insert(0, TQDMProgressBar())
+            self._default_callbacks += (callbacks[0],)
         return callbacks
+
+    def _with_run_callbacks(self, extra: list[Callback]) -> list[Callback]:
+        """The Trainer's callbacks plus ``extra``; a ``ModelCheckpoint`` or ``TQDMProgressBar`` in
+        ``extra`` replaces the default one the Trainer added (as Lightning adds a default only
+        when the user gave none), so there are never two checkpointers or two bars by accident."""
+        from qtrainer.callbacks import ModelCheckpoint, TQDMProgressBar
+
+        replaced = tuple(kind for kind in (ModelCheckpoint, TQDMProgressBar) if any(isinstance(c, kind) for c in extra))
+        own = [c for c in self.callbacks
+               if not (any(c is d for d in self._default_callbacks) and isinstance(c, replaced))]
+        return own + extra
 
     @staticmethod
     def _ordered(callbacks: list[Callback]) -> list[Callback]:
@@ -412,8 +428,10 @@ class Trainer:
     # -- public entry points -----------------------------------------------------------
     def fit(self, model: Module, train_dataloaders: Iterable | None = None, val_dataloaders: Iterable | None = None,
             callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> None:
-        """Train ``model``; ``callbacks`` join the Trainer's for this call; ``ckpt_path`` resumes
-        (``"last"`` = the newest checkpoint of this Trainer's checkpoint callbacks)."""
+        """Train ``model``; ``callbacks`` join the Trainer's for this call (a ``ModelCheckpoint`` or
+        ``TQDMProgressBar`` among them replaces the Trainer's default one); ``ckpt_path`` resumes
+        (``"last"`` = the newest checkpoint of this Trainer's checkpoint callbacks; for a default
+        checkpoint directory under a logger's ``version_N``, the newest in any ``version_*``)."""
         if self.strategy.needs_spawn:
             return self._spawn("fit", model, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
                                callbacks=callbacks, ckpt_path=ckpt_path)
@@ -496,11 +514,12 @@ class Trainer:
                 f"Trainer.{stage} needs a qtrainer.Module, got {type(model).__name__}; wrap a plain "
                 "paddle.nn.Layer classifier with qtrainer.ClassificationModule(net)"
             )
-        for callback in extra_callbacks or []:
+        extra = list(extra_callbacks or [])
+        for callback in extra:
             if not isinstance(callback, Callback):
                 raise TypeError(f"callbacks must be qtrainer Callback instances; got {type(callback).__name__}")
         own_callbacks = self.callbacks
-        self.callbacks = self._ordered(own_callbacks + list(extra_callbacks or []))
+        self.callbacks = self._ordered(self._with_run_callbacks(extra))
         self.module, model._trainer = model, self
         self._hook_receivers_for = ()  # hooks are looked up afresh for every run
         self.state_stage, self.failed, self.should_stop = stage, False, False
@@ -570,6 +589,9 @@ class Trainer:
         self.grad_scaler = paddle.amp.GradScaler() if self.precision.needs_grad_scaler else None
         if checkpoint is not None:
             self._restore_training_state(checkpoint)
+        for optimizer in self.optimizers:  # gradients left by an earlier run would hide a loss that reaches none
+            optimizer.clear_grad(set_to_zero=False)
+        self._gradients_checked = False
 
         self.num_training_batches = agree_on_batches(
             self.strategy, "train", self._limited_length(train_loader, self.limit_train_batches, "limit_train_batches"))
@@ -591,8 +613,24 @@ class Trainer:
             with self._span("on_train_start", "on_train_end"):
                 self._train_loop(train_loader, val_loader)
             if self.is_global_zero and getattr(module, "hparams", None):
+                final = self._final_metrics()
                 for logger in self.loggers:
-                    logger.log_hyperparams(dict(module.hparams), dict(self.callback_metrics))
+                    logger.log_hyperparams(dict(module.hparams), final)
+
+    def _final_metrics(self) -> dict[str, float]:
+        """The fit's final metrics for the loggers' hyperparameter records, with ``hp_metric`` (unless
+        the module logged one) = the final value of the first monitored metric (checkpoint callbacks
+        first, then e.g. ``EarlyStopping``), else of ``val_loss``; no ``hp_metric`` when neither exists."""
+        from qtrainer.callbacks import MonitorCallback
+
+        final = dict(self.callback_metrics)
+        if "hp_metric" not in final:
+            watchers = self.checkpoint_callbacks + [c for c in self.callbacks if isinstance(c, MonitorCallback)]
+            names = [c.monitor for c in watchers if isinstance(c, MonitorCallback) and c.monitor] + ["val_loss"]
+            chosen = next((name for name in names if name in final), None)
+            if chosen is not None:
+                final["hp_metric"] = final[chosen]
+        return final
 
     def _sanity_check(self, val_loader: Iterable) -> None:
         self.sanity_checking = True
@@ -640,7 +678,7 @@ class Trainer:
             module.train()
             self._log_context, self._results = "train_step", self._train_results
             self._call_hook("on_train_epoch_start")
-            iterator = iter(train_loader)
+            iterator = guard_iterator(iter(train_loader))
             batch_idx = 0
             if resume is not None and resume["batches_done"]:
                 for _ in range(resume["batches_done"]):
@@ -669,11 +707,35 @@ class Trainer:
                 if self.max_steps is not None and self.global_step >= self.max_steps:
                     break
             _close_iterator(iterator)
+            if batch_idx == 0:
+                self._empty_training_epoch(train_loader)
+                validated_at_end = True  # nothing changed since the last validation
             if not validated_at_end and isinstance(self.val_check_interval, float) and self._validation_due_this_epoch():
                 self._run_validation(val_loader)
             completed = not (self.max_steps is not None and self.global_step >= self.max_steps
                              and batch_idx < self.num_training_batches)
             self._end_training_epoch(completed)
+
+    def _empty_training_epoch(self, train_loader: Iterable) -> None:
+        """An epoch in which the training loader yielded nothing: an error when nothing
+        has been trained in this fit, else (an iterator exhausted by its first pass) a warning, and
+        the fit stops instead of running the remaining epochs empty."""
+        kind = type(train_loader).__name__
+        if not math.isinf(self.num_training_batches):
+            kind += f", {self.num_training_batches} batches expected"
+        else:
+            kind += ", without len()"
+        if not self._gradients_checked:
+            raise ValueError(
+                f"the training loader ({kind}) yielded no batches in epoch {self.current_epoch}: "
+                "nothing was trained; check the dataset (empty, or filtered to nothing)")
+        one_shot = isinstance(train_loader, collections.abc.Iterator)  # not iter(): that would start a loader
+        log.warning(
+            "the training loader (%s) yielded no batches in epoch %d%s; stopping the fit after %d epoch(s) "
+            "instead of running the remaining ones empty", kind, self.current_epoch,
+            " (an iterator or generator is used up by its first pass; pass a re-iterable loader such as a list "
+            "or a paddle.io.DataLoader)" if one_shot else "", self.current_epoch)
+        self.should_stop = True
 
     def _training_batch(self, batch: Any, batch_idx: int) -> bool:
         """One forward/backward (and optimizer step when due); True when the optimizer stepped."""
@@ -684,9 +746,18 @@ class Trainer:
         last_batch = batch_idx + 1 == self.num_training_batches
         # gradients are reduced across ranks only on the micro-batch that steps the optimizer
         sync = self._accumulated + 1 >= self.accumulate_grad_batches or last_batch
-        with self.precision.autocast():
-            outputs = self.strategy.training_step(self.model, batch, batch_idx, sync_gradients=sync)
+        try:
+            with self.precision.autocast():
+                outputs = self.strategy.training_step(self.model, batch, batch_idx, sync_gradients=sync)
+        except ValueError as exc:
+            _raise_layer_error(exc, module, "training_step")
+            raise
         loss = self._extract_loss(outputs)
+        if not self._gradients_checked and loss.stop_gradient:
+            raise ValueError(
+                f"{type(module).__name__}.training_step returned a loss with stop_gradient=True (was it .detach()ed, "
+                "computed under paddle.no_grad(), or are all parameters frozen?): no gradient reached any "
+                "parameter, so training would change nothing; return the loss as computed from the model's output")
         loss_value = self._to_host(loss, "loss")  # shared with the module's self.log of the same tensor
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -701,6 +772,8 @@ class Trainer:
         self._accumulated += 1
         stepped = False
         if self._accumulated >= self.accumulate_grad_batches or last_batch:
+            if not self._gradients_checked:
+                self._check_gradients_reached()
             self._optimizer_step()
             stepped = True
         self._call_hook("on_train_batch_end", outputs, batch, batch_idx)
@@ -722,6 +795,19 @@ class Trainer:
         if math.prod(loss.shape) != 1:  # not loss.size, which costs more than a small kernel
             raise ValueError(f"{where} returned a loss of shape {list(loss.shape)}; reduce it to a scalar (e.g. .mean())")
         return loss
+
+    def _check_gradients_reached(self) -> None:
+        """Before the fit's first optimizer step: some trainable parameter must have a gradient."""
+        module = self.module
+        trainable = [p for p in module.parameters() if not p.stop_gradient]
+        if not any(p.grad is not None for p in trainable):
+            why = (f"none of its {len(trainable)} trainable parameters" if trainable
+                   else "it has no trainable parameters (all have stop_gradient=True)")
+            raise ValueError(
+                f"no gradient reached any parameter of {type(module).__name__} after the first backward: {why} "
+                "received one, so training would change nothing; the loss returned by training_step must be "
+                "computed from the model's trainable parameters")
+        self._gradients_checked = True
 
     def _optimizer_step(self) -> None:
         parameters = None  # walking a large model's parameters costs; only clipping needs them
@@ -803,15 +889,19 @@ class Trainer:
             with self._span(f"on_{stage}_start", f"on_{stage}_end"):
                 self._call_hook(f"on_{stage}_epoch_start")
                 with paddle.no_grad():
-                    iterator = iter(loader)
+                    iterator = guard_iterator(iter(loader))
                     for batch_idx, batch in enumerate(iterator):
                         if batch_idx >= num_batches:
                             break
                         self._current_batch_size = _batch_size(batch)
                         batch = _to_device(batch, self.device)
                         self._call_hook(f"on_{stage}_batch_start", batch, batch_idx)
-                        with self.precision.autocast():
-                            outputs = step_fn(batch, batch_idx) if step_fn is not None else None
+                        try:
+                            with self.precision.autocast():
+                                outputs = step_fn(batch, batch_idx) if step_fn is not None else None
+                        except ValueError as exc:
+                            _raise_layer_error(exc, module, f"{stage}_step")
+                            raise
                         self._call_hook(f"on_{stage}_batch_end", outputs, batch, batch_idx)
                     _close_iterator(iterator)
                 self._call_hook(f"on_{stage}_epoch_end")
@@ -856,13 +946,17 @@ class Trainer:
         with self._span("on_predict_start", "on_predict_end"):
             self._call_hook("on_predict_epoch_start")
             with paddle.no_grad():
-                for batch_idx, batch in enumerate(loader):
+                for batch_idx, batch in enumerate(guard_iterator(iter(loader))):
                     if batch_idx >= self.num_predict_batches:
                         break
                     batch = _to_device(batch, self.device)
                     self._call_hook("on_predict_batch_start", batch, batch_idx)
-                    with self.precision.autocast():
-                        outputs = module.predict_step(batch, batch_idx)
+                    try:
+                        with self.precision.autocast():
+                            outputs = module.predict_step(batch, batch_idx)
+                    except ValueError as exc:
+                        _raise_layer_error(exc, module, "predict_step")
+                        raise
                     self._call_hook("on_predict_batch_end", outputs, batch, batch_idx)
                     predictions.append(outputs)
             self._call_hook("on_predict_epoch_end")
@@ -919,18 +1013,45 @@ class Trainer:
         return checkpoint
 
     def _resolve_ckpt_path(self, ckpt_path: str) -> str:
+        """``ckpt_path`` itself, or for ``"last"`` the newest checkpoint of the checkpoint callbacks'
+        directories; when those hold none and a directory is the default ``<log_dir>/checkpoints``,
+        the newest in the other runs of that logger (``<root_dir>/version_*/checkpoints``): a new
+        Trainer logs to a new ``version_N`` while the run to resume wrote an earlier one."""
         if ckpt_path != "last":
             return ckpt_path
-        candidates = []
-        for callback in self.checkpoint_callbacks:
-            directory = getattr(callback, "dirpath", None)
-            if directory and os.path.isdir(directory):
-                candidates += [os.path.join(directory, f) for f in os.listdir(directory)
-                               if f.endswith(".ckpt") and not f.startswith(".tmp-")]
+        searched = [c.dirpath for c in self.checkpoint_callbacks if c.dirpath]
+        candidates = [f for d in searched for f in _checkpoint_files(d)]
         if not candidates:
-            dirs = [getattr(c, "dirpath", None) for c in self.checkpoint_callbacks]
-            raise CheckpointError(f"ckpt_path='last' but no checkpoint was found in {dirs}")
+            patterns, others = self._other_runs_checkpoint_dirs(searched)
+            searched += patterns
+            candidates = [f for d in others for f in _checkpoint_files(d)]
+            if candidates:
+                log.info("ckpt_path='last': no checkpoint in this run's %s; resuming from the newest in %s",
+                         self.checkpoint_callbacks[0].dirpath, others)
+        if not candidates:
+            where = (f"looked in {searched}" if searched else
+                     "this Trainer has no ModelCheckpoint (enable_checkpointing=False and none in callbacks)")
+            raise CheckpointError(f"ckpt_path='last' but no checkpoint (*.ckpt) was found: {where}; "
+                                  "pass ckpt_path=<path of a .ckpt file> instead")
         return max(candidates, key=os.path.getmtime)
+
+    def _other_runs_checkpoint_dirs(self, dirs: list[str]) -> tuple[list[str], list[str]]:
+        """``(patterns, found)``: ``<root>/*/checkpoints`` and the existing ``<root>/<run>/checkpoints``
+        of the loggers' other runs, for each of ``dirs`` that is a logger's default ``<log_dir>/checkpoints``."""
+        patterns, found = [], []
+        for logger in self.loggers:
+            root, log_dir = getattr(logger, "root_dir", None), logger.log_dir
+            if root is None or log_dir is None:
+                continue
+            default = os.path.join(log_dir, "checkpoints")
+            if not any(os.path.abspath(d) == os.path.abspath(default) for d in dirs):
+                continue
+            patterns.append(os.path.join(root, "*", "checkpoints"))
+            for run in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+                candidate = os.path.join(root, run, "checkpoints")
+                if os.path.abspath(candidate) != os.path.abspath(default) and os.path.isdir(candidate):
+                    found.append(candidate)
+        return patterns, found
 
     def _restore_module(self, checkpoint: dict[str, Any], path: str, hooks: bool) -> None:
         """Weights (and, for fit, callback states) — after configure_model, before optimizers."""
@@ -990,36 +1111,61 @@ def _check_finite_weights(state_dict: dict[str, np.ndarray], path: str) -> None:
         raise FloatingPointError(f"refusing to write checkpoint {path!r}: non-finite values in {bad[:10]}")
 
 
+def _raise_layer_error(exc: ValueError, module: Module, where: str) -> None:
+    """Re-raise Paddle's shape error from inside a layer as one naming the layer and its expected input.
+
+    Costs nothing until a step raises: the failing layer is the innermost ``forward`` frame of a
+    ``paddle.nn.Layer`` in the traceback; its input is that call's first argument. Returns (the
+    caller re-raises ``exc`` as it was) when the error is not Paddle's ``InvalidArgument`` or no
+    layer can be found.
+    """
+    if "(InvalidArgument)" not in str(exc):
+        return
+    layer, inputs, tb = None, None, exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        candidate = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and isinstance(candidate, paddle.nn.Layer):
+            names = frame.f_code.co_varnames
+            layer = candidate
+            inputs = frame.f_locals.get(names[1]) if frame.f_code.co_argcount > 1 else None
+        tb = tb.tb_next
+    if layer is None:
+        return
+    name = next((n for n, sub in module.named_sublayers(include_self=True) if sub is layer), None)
+    shape = list(inputs.shape) if isinstance(inputs, paddle.Tensor) else None
+    weight = getattr(layer, "weight", None)
+    expected = ""
+    if isinstance(layer, paddle.nn.Linear) and weight is not None:
+        expected = f"; it expects [..., {weight.shape[0]}] (in_features={weight.shape[0]})"
+    elif hasattr(layer, "_in_channels") and weight is not None:  # Conv1D/2D/3D and their transposes
+        channels_last = str(getattr(layer, "_data_format", "NCHW")).endswith("C")
+        spatial = ", ".join(("D", "H", "W")[3 - len(weight.shape[2:]):] if len(weight.shape) <= 5 else "...")
+        dims = f"[N, {spatial}, {layer._in_channels}]" if channels_last else f"[N, {layer._in_channels}, {spatial}]"
+        expected = f"; it expects {dims} (in_channels={layer._in_channels}, data_format={layer._data_format})"
+    elif weight is not None:
+        expected = f" (its weight has shape {list(weight.shape)})"
+    first_line = str(exc).strip().splitlines()[0]
+    raise ValueError(
+        f"{type(module).__name__}.{where}: layer {name or '?'!r} ({type(layer).__name__}) got an input of shape "
+        f"{shape}{expected}. Check the batch (e.g. channel count, image size) against the model. Paddle: {first_line}"
+    ) from exc
+
+
+def _checkpoint_files(directory: str) -> list[str]:
+    """The finished ``*.ckpt`` files in ``directory`` (none when it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, f) for f in os.listdir(directory)
+            if f.endswith(".ckpt") and not f.startswith(".tmp-")]
+
+
 def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:
     for attr in ("batch_sampler", "sampler"):
         sampler = getattr(loader, attr, None)
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
             return
-
-
-def _close_iterator(iterator: Any) -> None:
-    """Stop a loader iterator's prefetching (it would keep drawing from the global RNGs).
-
-    Paddle's single-process iterator (the one with ``_shutdown_thread``) polls its prefetch
-    thread with ``time.sleep(1)``, so stopping one that has not run to the end (a sanity check,
-    ``limit_*_batches``, ``max_steps``) would cost a second: its thread is stopped and joined
-    here first, the same steps without the sleep.
-    """
-    shutdown = getattr(iterator, "_try_shutdown_all", None)
-    if shutdown is None:
-        return
-    thread = getattr(iterator, "_thread", None)
-    done = getattr(iterator, "_thread_done_event", None)
-    if (hasattr(iterator, "_shutdown_thread") and isinstance(thread, threading.Thread) and done is not None
-            and not getattr(iterator, "_shutdown", True)):
-        done.set()
-        queue = getattr(iterator, "_blocking_queue", None)
-        if queue is not None:
-            queue.close()  # unblocks a producer waiting to push
-        if thread is not threading.current_thread():
-            thread.join(timeout=5.0)
-    shutdown()
 
 
 def _to_device(batch: Any, device: str) -> Any:

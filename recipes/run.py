@@ -11,6 +11,11 @@ calibrator), ``dynamic`` (weight-only int8/int16), ``all`` (every one in that or
 an ImageNet-style folder so it goes through the same loader as ImageNet. Every quantized model is
 exported for Paddle Inference and evaluated there (int8 oneDNN on CPU), next to the simulated
 (dygraph) model; results go to ``<out>/<arch>/<method>/results.json`` and ``<out>/<arch>/summary.json``.
+
+Running again with the same ``--out``: before anything is trained, the runner looks for the files
+the chosen methods would write (FP32 weights, exports, ``results.json``) and refuses if an earlier
+run left any, naming them; ``--overwrite`` replaces them (exports atomically), ``--out DIR`` keeps
+them. TensorBoard logs never clash: every run gets its own ``version_N``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from qtrainer import ClassificationModule, Trainer
 from qtrainer.callbacks import LearningRateMonitor
 from qtrainer.data import make_loaders, prepare_fashion_mnist_folder
 from qtrainer.loggers import TensorBoardLogger
+from qtrainer.loggers._log_dir import atomic_write_text
 from qtrainer.quant import QATCallback, quantize_dygraph_weights
 from qtrainer.quant.inference import create_predictor, load_int8_predictor, predict
 from recipes.archs import ARCHS, Defaults
@@ -69,11 +75,13 @@ class Settings:
     seed: int
     threads: int | None
     check_time_limit: float = 300.0
+    overwrite: bool = False
 
     @property
     def export_kwargs(self) -> dict[str, Any]:
         """Recipes write the export even when its self-check fails, and report the check's verdict."""
-        return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1}
+        return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1,
+                "overwrite": self.overwrite}
 
     @property
     def run_dir(self) -> str:
@@ -114,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--train-limit", type=int, help="Fashion-MNIST only: use the first N training images per class")
     parser.add_argument("--check-time-limit", type=float, default=300.0,
                         help="seconds the export's self-check may spend finding layers that must stay float")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in the same --out (refused otherwise, before training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     args = parser.parse_args(argv)
@@ -143,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         pretrained=args.pretrained, from_scratch=args.from_scratch, pact=args.pact, weight_bits=args.weight_bits,
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
         train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
+        overwrite=args.overwrite,
     )
 
 
@@ -178,7 +189,14 @@ def load_weights(net: paddle.nn.Layer, path: str, arch: str) -> None:
     """Load a .pdparams into ``net``; name every mismatched key instead of loading half a model."""
     if not os.path.isfile(path):
         raise SystemExit(f"--pretrained {path!r}: no such file")
-    state = paddle.load(path)
+    try:
+        state = paddle.load(path)
+    except Exception as exc:  # noqa: BLE001 - Paddle raises ValueError, UnpicklingError, EOFError, ... here
+        raise SystemExit(f"--pretrained {path!r} is not a Paddle state dict (.pdparams written by paddle.save): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise SystemExit(f"--pretrained {path!r} holds a {type(state).__name__}, not a state dict of {arch} "
+                         "(a .pdparams written by paddle.save(net.state_dict(), path))")
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -280,7 +298,9 @@ def run_fp32(s: Settings, loaders) -> dict[str, Any]:
     trainer.fit(_module(s, net, s.fp32_lr), train, val)
     seconds = time.perf_counter() - start
     os.makedirs(s.method_dir("fp32"), exist_ok=True)
-    paddle.save(net.state_dict(), s.fp32_weights)
+    tmp = f"{s.fp32_weights}.tmp-{os.getpid()}"
+    paddle.save(net.state_dict(), tmp)
+    os.replace(tmp, s.fp32_weights)  # a kill never leaves half a weights file for the next stage
     prefix = os.path.join(s.method_dir("fp32"), "export", "model")
     export_fp32(net, prefix, input_spec(s))
     results = deployment_results(s, net, create_predictor(prefix, int8=False, num_threads=s.threads or 1), val)
@@ -343,28 +363,50 @@ def _report_summary(report: Any) -> Any:
 
 
 RUNNERS = {"fp32": run_fp32, "ptq": run_ptq, "qat": run_qat, "dynamic": run_dynamic}
+_MODEL_SUFFIXES = (".pdmodel", ".pdiparams", ".quant.json", ".dynamic_quant.json")
+
+
+def stage_outputs(s: Settings, method: str) -> list[str]:
+    """The files a stage writes that would replace an earlier run's (logs are versioned, so not these)."""
+    prefix = os.path.join(s.method_dir(method), "export", "model")
+    paths = [os.path.join(s.method_dir(method), "results.json"), *(prefix + x for x in _MODEL_SUFFIXES)]
+    if method == "fp32":
+        paths.insert(0, s.fp32_weights)
+    return [p for p in paths if os.path.exists(p)]
+
+
+def check_outputs(s: Settings, methods: list[str]) -> None:
+    """Before any training: refuse to replace an earlier run's results unless ``--overwrite``."""
+    existing = [p for method in methods for p in stage_outputs(s, method)]
+    if existing and not s.overwrite:
+        shown = ", ".join(os.path.relpath(p, s.run_dir) for p in existing[:6]) + (" ..." if len(existing) > 6 else "")
+        raise SystemExit(
+            f"{s.run_dir} already holds the results of an earlier run ({shown}); nothing was trained. Pass "
+            f"--overwrite to replace them, or --out DIR to keep them and run elsewhere"
+        )
+    if existing:
+        log.warning("--overwrite: replacing %d file(s) of an earlier run in %s", len(existing), s.run_dir)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = parse_args(argv)
+    methods = ["fp32", "ptq", "qat", "dynamic"] if s.method == "all" else [s.method]
+    check_outputs(s, methods)
     paddle.seed(s.seed)
     loaders = build_loaders(s)
-    methods = ["fp32", "ptq", "qat", "dynamic"] if s.method == "all" else [s.method]
     summary_path = os.path.join(s.run_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
     for method in methods:
         start = time.perf_counter()
         result = RUNNERS[method](s, loaders)
         result["wall_seconds"] = time.perf_counter() - start
-        os.makedirs(s.method_dir(method), exist_ok=True)
-        with open(os.path.join(s.method_dir(method), "results.json"), "w") as handle:
-            json.dump(result, handle, indent=2, default=str)
+        atomic_write_text(os.path.join(s.method_dir(method), "results.json"),
+                          json.dumps(result, indent=2, default=str), "recipes")
         summary[method] = {k: result.get(k) for k in ("deployed_top1", "simulated_top1", "agreement_top1", "rel_l2", "wall_seconds")}
         print(f"{s.arch} {method}: deployed top-1 {result['deployed_top1']:.4f}, simulated {result['simulated_top1']:.4f}, "
               f"agreement {result['agreement_top1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
-    with open(summary_path, "w") as handle:
-        json.dump(summary, handle, indent=2)
+    atomic_write_text(summary_path, json.dumps(summary, indent=2), "recipes")
     _print_summary(s, summary)
     return summary
 

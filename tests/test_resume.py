@@ -76,3 +76,33 @@ def test_resume_after_max_steps_continues_the_unfinished_epoch(tmp_path):
     resumed_module, resumed = fit(tmp_path / "part", 2, ckpt_path="last")
     assert resumed.global_step == 16
     assert max_abs_diff(weights(full_module), weights(resumed_module)) <= 1e-6
+
+
+def test_ckpt_path_last_from_a_new_trainer_finds_the_earlier_versions_checkpoint(tmp_path):
+    from qtrainer.loggers import CSVLogger
+
+    def trainer(**kwargs):
+        return Trainer(**quiet_trainer_kwargs(tmp_path, logger=CSVLogger(str(tmp_path)), enable_checkpointing=True,
+                                              **kwargs))
+
+    first = trainer(max_epochs=1)
+    first.fit(TinyModule(), make_loader())
+    assert first.log_dir.endswith("version_0") and os.listdir(os.path.join(first.log_dir, "checkpoints"))
+    second = trainer(max_epochs=2)  # logs to version_1, whose checkpoints/ is empty
+    second.fit(TinyModule(), make_loader(), ckpt_path="last")
+    assert second.log_dir.endswith("version_1")
+    assert second.global_step == 16  # resumed after epoch 0's 8 steps, trained epoch 1 only
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path):
+    from qtrainer.checkpoint_io import CheckpointError
+
+    directory = tmp_path / "ckpt"
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True,
+                                             callbacks=[ModelCheckpoint(dirpath=str(directory))]))
+    with pytest.raises(CheckpointError, match=rf"ckpt_path='last' but no checkpoint \(\*.ckpt\) was found: looked in "
+                                              rf"\['{directory}'\]; pass ckpt_path=<path of a .ckpt file>"):
+        trainer.fit(TinyModule(), make_loader(), ckpt_path="last")
+    nowhere = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(CheckpointError, match=r"this Trainer has no ModelCheckpoint"):
+        nowhere.fit(TinyModule(), make_loader(), ckpt_path="last")

@@ -292,3 +292,145 @@ def test_stopping_a_partly_read_loader_is_quick_and_stops_its_thread():
     elapsed = time.perf_counter() - start
     assert not thread.is_alive()
     assert elapsed < 0.9, f"closing took {elapsed:.2f} s (Paddle's own shutdown sleeps 1 s)"
+
+
+# -- a user's ModelCheckpoint / progress bar replaces the default -----------------------------
+
+
+def ckpt_files(directory):
+    return sorted(f for _, _, fs in os.walk(directory) for f in fs if f.endswith(".ckpt"))
+
+
+def test_checkpoint_given_to_fit_replaces_the_default(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path / "root", max_epochs=1, enable_checkpointing=True))
+    default = trainer.checkpoint_callback
+    mine = ModelCheckpoint(dirpath=str(tmp_path / "mine"), save_last=True)  # same state key as the default
+    trainer.fit(tiny_module, make_loader(), callbacks=[mine])
+    assert ckpt_files(tmp_path / "mine") == ["epoch=0-step=8.ckpt", "last.ckpt"]
+    assert ckpt_files(tmp_path / "root") == []  # the default did not write as well
+    assert trainer.callbacks == [default]  # back for the next call
+
+
+def test_monitored_checkpoint_given_to_fit_is_the_only_checkpointer(tmp_path, tiny_module):
+    seen = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, module):
+            seen.extend(trainer.checkpoint_callbacks)
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path / "root", max_epochs=1, enable_checkpointing=True))
+    mine = ModelCheckpoint(dirpath=str(tmp_path / "mine"), monitor="val_loss")
+    trainer.fit(tiny_module, make_loader(), make_loader(shuffle=False), callbacks=[mine, Spy()])
+    assert seen == [mine]
+    assert ckpt_files(tmp_path / "root") == [] and len(ckpt_files(tmp_path / "mine")) == 1
+
+
+def test_progress_bar_given_to_fit_replaces_the_default(tmp_path, tiny_module):
+    from qtrainer.callbacks import TQDMProgressBar
+
+    seen = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, module):
+            seen.extend(c for c in trainer.callbacks if isinstance(c, TQDMProgressBar))
+
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1, enable_progress_bar=True))
+    mine = TQDMProgressBar(refresh_rate=5)
+    trainer.fit(tiny_module, make_loader(), callbacks=[mine, Spy()])
+    assert seen == [mine]
+
+
+# -- training that trains nothing is an error, not a silent success --------------------------
+
+
+def test_a_detached_loss_is_an_error(tmp_path):
+    class Detached(TinyModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx).detach()
+
+    with pytest.raises(ValueError, match=r"stop_gradient=True .*was it .detach\(\)ed.*"
+                                         r"no gradient reached any parameter"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=2)).fit(Detached(), make_loader())
+
+
+def test_a_loss_that_reaches_no_parameter_is_an_error(tmp_path):
+    class InputsOnly(TinyModule):
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            x.stop_gradient = False  # the loss needs gradients, but of the data, not of the model
+            return (x * 2.0).mean()
+
+    module = InputsOnly()
+    before = [p.numpy().copy() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"no gradient reached any parameter of InputsOnly.*none of its 4 trainable"):
+        Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=2)).fit(module, make_loader())
+    assert all(np.array_equal(b, p.numpy()) for b, p in zip(before, module.parameters()))
+
+
+class _NoBatches:
+    """An iterable without ``len`` that yields nothing."""
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_an_empty_loader_without_len_is_an_error(tmp_path, tiny_module):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path))  # max_epochs defaults to 1000
+    with pytest.raises(ValueError, match=r"loader \(_NoBatches, without len\(\)\) yielded no batches in epoch 0"):
+        trainer.fit(tiny_module, _NoBatches())
+    assert trainer.current_epoch == 0
+
+
+def test_a_one_shot_generator_stops_the_fit_with_a_warning_after_its_pass(tmp_path, tiny_module, caplog):
+    epochs = []
+
+    class Epochs(Callback):
+        def on_train_epoch_start(self, trainer, module):
+            epochs.append(trainer.current_epoch)
+
+    batches = list(make_loader())
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=3, callbacks=[Epochs()]))
+    with caplog.at_level("WARNING", logger="qtrainer.trainer"):
+        trainer.fit(tiny_module, (b for b in batches))
+    assert trainer.global_step == len(batches) and epochs == [0, 1]
+    assert "yielded no batches in epoch 1 (an iterator or generator is used up by its first pass" in caplog.text
+
+
+# -- a batch that does not fit the model names the layer ----------------------------------------
+
+
+class _Conv(Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2D(3, 4, 3), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(axis=[2, 3]))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return paddle.optimizer.SGD(0.1, parameters=self.parameters())
+
+
+def _images(channels):
+    return [(paddle.rand([2, channels, 8, 8]), paddle.to_tensor([[0], [1]]))]
+
+
+def test_a_batch_with_the_wrong_channel_count_names_the_layer_and_expected_shape(tmp_path):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match=r"_Conv.training_step: layer 'features.0' \(Conv2D\) got an input of shape "
+                                         r"\[2, 1, 8, 8\]; it expects \[N, 3, H, W\] \(in_channels=3"):
+        trainer.fit(_Conv(), _images(1))
+
+
+def test_a_validation_batch_with_the_wrong_channel_count_names_the_layer(tmp_path):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match=r"_Conv.validation_step: layer 'features.0' \(Conv2D\) "
+                                         r"got an input of shape \[2, 4, 8, 8\]"):
+        trainer.fit(_Conv(), _images(3), _images(4))

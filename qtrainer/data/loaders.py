@@ -5,6 +5,11 @@ train loader uses ``paddle.io.DistributedBatchSampler`` (each rank a different s
 the Trainer calls its ``set_epoch`` so the shuffle changes each epoch) and the val loader gives
 each rank every ``world_size``-th image without padding, so the summed metrics count every val
 image exactly once. On one process they use ``paddle.io.BatchSampler``.
+
+An image that cannot be read raises :class:`~qtrainer.data.folder.UnreadableImageError` (naming the
+file, with the decoder's error as its cause) from the loop that iterates the loader, for any
+``workers``, after the loader is stopped: the samples carry the error to the consumer instead of
+letting Paddle's reader thread die with it (which hangs ``next()``; see ``qtrainer.data.iterators``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import paddle
 from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from qtrainer.data.folder import ImageFolder
+from qtrainer.data.iterators import FailedSample, collate_or_fail, guard_iterator
 from qtrainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
 
 __all__ = ["ShardSampler", "make_loaders"]
@@ -35,6 +41,27 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))
+
+
+class _LoaderImageFolder(ImageFolder):
+    """An ``ImageFolder`` whose ``__getitem__`` returns a ``FailedSample`` instead of raising.
+
+    Only the loaders of ``make_loaders`` read it: their collate function and iterator hand the
+    error to the consumer (see ``qtrainer.data.iterators``).
+    """
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except Exception as error:  # noqa: BLE001 - re-raised as it is by the loader's iterator
+            return FailedSample(error, index)
+
+
+class _Loader(DataLoader):
+    """A ``DataLoader`` whose iterators raise a sample's error (see ``qtrainer.data.iterators``)."""
+
+    def __iter__(self):
+        return guard_iterator(super().__iter__())
 
 
 def _positive_int(name: str, value) -> None:
@@ -64,7 +91,9 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
         train_scale: the area fraction range of the random resized crop.
         val_crop_fraction: the val center crop's share of the resized short side (0.875: 256 -> 224;
             1.0 keeps the whole image, for small centred images such as Fashion-MNIST).
-        on_bad_image: ``"error"`` or ``"skip"`` unreadable images (see ``ImageFolder``).
+        on_bad_image: ``"error"`` or ``"skip"`` unreadable images (see ``ImageFolder``). With
+            ``"error"``, iterating a loader raises ``UnreadableImageError`` at the batch holding the
+            first unreadable image, for any ``workers``.
     """
     _positive_int("batch_size", batch_size)
     val_batch_size = batch_size if val_batch_size is None else val_batch_size
@@ -76,9 +105,9 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
     if distributed is None:
         distributed = world_size > 1
 
-    train_set = ImageFolder(root, train_split, train_transform(image_size, mean, std, train_scale),
+    train_set = _LoaderImageFolder(root, train_split, train_transform(image_size, mean, std, train_scale),
                             on_bad_image=on_bad_image)
-    val_set = ImageFolder(root, val_split, val_transform(image_size, mean, std, val_crop_fraction),
+    val_set = _LoaderImageFolder(root, val_split, val_transform(image_size, mean, std, val_crop_fraction),
                           classes=train_set.classes, on_bad_image=on_bad_image)
     replicas = world_size if distributed else 1
     if len(train_set) < batch_size * replicas:
@@ -98,6 +127,6 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
     logger.info("data %s: %d train / %d val images, %d classes, %dpx, %s",
                 root, len(train_set), len(val_set), len(train_set.classes), image_size,
                 f"rank {rank} of {world_size}" if distributed else "one process")
-    train_loader = DataLoader(train_set, batch_sampler=train_sampler, num_workers=workers)
-    val_loader = DataLoader(val_set, batch_sampler=val_sampler, num_workers=workers)
+    train_loader = _Loader(train_set, batch_sampler=train_sampler, num_workers=workers, collate_fn=collate_or_fail)
+    val_loader = _Loader(val_set, batch_sampler=val_sampler, num_workers=workers, collate_fn=collate_or_fail)
     return train_loader, val_loader

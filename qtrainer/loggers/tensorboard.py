@@ -33,7 +33,10 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         version: None for the next free ``version_N``; an int ``N`` for ``version_N``; a str for
             that directory name.
         default_hp_metric: when hyperparameters are logged without metrics, log the placeholder
-            ``hp_metric = -1`` so the HParams tab has a column to fill (``self.log("hp_metric", x)``).
+            ``hp_metric = -1`` so the HParams tab has a column to fill. The Trainer fills it at the
+            end of a fit (``log_hyperparams(params, final_metrics)``) with the final value of the
+            monitored metric (see ``Trainer``), or ``self.log("hp_metric", x)`` sets it; a
+            placeholder never filled is left out of the HParams tab's columns.
         writer_kwargs: passed to ``tensorboardX.SummaryWriter`` (e.g. ``flush_secs``, ``max_queue``).
     """
 
@@ -58,6 +61,7 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         self._hparams: dict[str, Any] | None = None
         self._session_open = False  # hyperparameters logged, end record not yet written
         self._scalar_tags: dict[str, float] = {}  # tag -> last value
+        self._hp_metric_is_placeholder = False  # hp_metric holds only the -1 written by log_hyperparams
         self._last_step = 0
 
     # -- where: name, save_dir, root_dir, version and log_dir come from VersionedLogDir ----
@@ -87,6 +91,8 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)
             self._scalar_tags[tag] = value
+        if "hp_metric" in values:
+            self._hp_metric_is_placeholder = False
 
     def log_histogram(self, tag: str, values: np.ndarray, step: int | None = None) -> None:
         array = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -158,6 +164,7 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
                 self.log_metrics(fresh, step=self._last_step)
         elif self._default_hp_metric and "hp_metric" not in self._scalar_tags:
             self.log_metrics({"hp_metric": -1.0}, step=0)
+            self._hp_metric_is_placeholder = True
 
     def save(self) -> None:
         """Put everything logged so far on disk (closes the writer; a later write reopens)."""
@@ -183,7 +190,10 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboardX.summary import hparams
 
-        experiment, _, _ = hparams(self._hparams, dict.fromkeys(self._scalar_tags, 0.0))
+        columns = dict.fromkeys(self._scalar_tags, 0.0)
+        if self._hp_metric_is_placeholder and len(columns) > 1:
+            del columns["hp_metric"]  # a column of -1 compares nothing; the real metrics are columns
+        experiment, _, _ = hparams(self._hparams, columns)
         end = SessionEndInfo(status=Status.Value(_STATUS.get(status, "STATUS_UNKNOWN")))
         content = HParamsPluginData(session_end_info=end, version=0).SerializeToString()
         metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content))

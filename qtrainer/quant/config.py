@@ -9,11 +9,16 @@ key                             default                       accepted
 ``activation_preprocess_type``  ``None``                      ``None``, ``'PACT'``
 ``weight_quantize_type``        ``'channel_wise_abs_max'``    ``'channel_wise_abs_max'``, ``'abs_max'``
 ``activation_quantize_type``    ``'moving_average_abs_max'``  ``'moving_average_abs_max'``, ``'abs_max'``
-``weight_bits``                 ``8``                         integer 2..16
-``activation_bits``             ``8``                         integer 2..16
+``weight_bits``                 ``8``                         integer 2..8 (``QAT``); 2..16 (engine)
+``activation_bits``             ``8``                         integer 2..8 (``QAT``); 2..16 (engine)
 ``moving_rate``                 ``0.9``                       float in (0, 1)
 ``quantizable_layer_type``      ``['Conv2D', 'Linear']``      non-empty subset of the supported types
 ==============================  ============================  ==============================================
+
+Bits above 8: Paddle Inference has no CPU kernels above 8 bits, so the export keeps such a layer
+in float. ``QAT``, ``PTQ`` and ``QATCallback`` (when it exports) refuse them when they are built
+(``require_deployable_bits``), not after training; the engine (``quantize_model``) accepts up to 16
+for simulation-only studies and for mixed-precision models whose >8-bit layers stay float.
 
 Weights with fewer than 8 bits are simulated on the levels Paddle's int8 kernels deploy them with:
 a 4-bit weight takes 15 values per channel, ``round(k * 127 / 7) * T / 127`` for k in -7..7, each
@@ -56,11 +61,13 @@ from typing import Any, Mapping
 
 from qtrainer.quant.base import check_bits
 
-__all__ = ["QuantConfig", "SUPPORTED_LAYER_TYPES"]
+__all__ = ["QuantConfig", "SUPPORTED_LAYER_TYPES", "DEPLOYABLE_MAX_BITS"]
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LAYER_TYPES = ("Conv2D", "Linear")
+#: The most bits the int8 deployment runs (Paddle Inference has no CPU kernels above 8 bits).
+DEPLOYABLE_MAX_BITS = 8
 PREPROCESS_TYPES = (None, "PACT")
 WEIGHT_QUANTIZE_TYPES = ("channel_wise_abs_max", "abs_max")
 ACTIVATION_QUANTIZE_TYPES = ("moving_average_abs_max", "abs_max")
@@ -147,6 +154,26 @@ class QuantConfig:
         return out
 
     # ------------------------------------------------------------------ queries
+    def require_deployable_bits(self, source: str | None = None) -> None:
+        """Raise ``ValueError`` if ``weight_bits`` or ``activation_bits`` exceed what the export runs.
+
+        For the front doors whose result is deployed (``QAT``, ``PTQ``, an exporting
+        ``QATCallback``): with more than 8 bits every layer would be exported in float and the
+        export would refuse -- after the training. ``source`` names where the config came from.
+        """
+        src = source or self._source
+        for key in ("weight_bits", "activation_bits"):
+            bits = getattr(self, key)
+            if bits > DEPLOYABLE_MAX_BITS:
+                raise ValueError(
+                    f"{key}={bits} in {src}: the int8 export (save_quantized_model) runs on Paddle "
+                    f"Inference's CPU kernels, which have none above {DEPLOYABLE_MAX_BITS} bits, so "
+                    f"every {bits}-bit layer would be deployed in float and the export would have "
+                    f"nothing to run in int8. Accepted: an integer from 2 to {DEPLOYABLE_MAX_BITS} "
+                    "(below 8 bits is simulated on the int8 levels). To simulate more bits without "
+                    "deploying them, use qtrainer.quant.quantize_model(model, config)."
+                )
+
     def skip_matcher(self) -> "_SkipMatcher":
         """An object whose ``matches(name)`` says whether ``skip_patterns`` skip that layer name."""
         return _SkipMatcher(self.skip_patterns)

@@ -25,14 +25,16 @@ import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import paddle
+
+from qtrainer.quant.publish import STATE_COMPLETE, make_staging_dir, publish
 
 __all__ = ["quant_post_dynamic", "quantize_dygraph_weights", "SUPPORTED_OP_TYPES", "WEIGHT_QUANTIZE_TYPES"]
 
@@ -318,23 +320,24 @@ def _legacy_static_graph() -> Iterator[None]:
             paddle.disable_static()
 
 
-def _write_files(contents: dict[str, bytes | str]) -> None:
-    """Write every file to a temporary name first, then move them all into place."""
-    staged = []
+def _write_files(contents: dict[str, bytes], report_path: str, report: dict[str, Any]) -> None:
+    """Stage every file next to the target, then publish them with the report last, carrying their
+    SHA-256 (``qtrainer.quant.publish``: a kill in between leaves files our loaders refuse)."""
+    parent = os.path.dirname(report_path) or "."
+    stem = os.path.basename(report_path)[: -len(REPORT_SUFFIX)]
+    os.makedirs(parent, exist_ok=True)
+    staging = make_staging_dir(parent, stem)
     try:
-        for path, data in contents.items():
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-            staged.append((tmp, path))
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data.encode() if isinstance(data, str) else data)
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        moves = {}
+        for index, (path, data) in enumerate(contents.items()):
+            staged = os.path.join(staging, f"{index}-{os.path.basename(path)}")
+            with open(staged, "wb") as stream:
+                stream.write(data)
+            moves[staged] = path
+        report["sha256"] = publish(moves, report_path, report)
+        report["state"] = STATE_COMPLETE
     finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _serialize(program, executor) -> tuple[bytes, bytes]:
@@ -468,8 +471,7 @@ def _quantize_files(
     stem = stem[: -len(".pdmodel")] if stem.endswith(".pdmodel") else stem
     report_path = os.path.join(save_model_dir, stem + REPORT_SUFFIX)
     report["report"] = report_path
-    files[report_path] = json.dumps(report, indent=2)
-    _write_files(files)
+    _write_files(files, report_path, report)
     logger.info("quantized %d weights to int%d (params %d -> %d bytes, %.3fx); skipped %d: %s",
                 len(quantized), weight_bits, len(params_bytes), report["output"]["params_bytes"],
                 report["output"]["params_ratio"], len(skipped), [(s["name"], s["reason"]) for s in skipped])

@@ -74,8 +74,10 @@ inputs were all >= 0 is unsigned):
 
 The self-check (``check=True``): the export is loaded with an oneDNN int8 predictor and run on the
 sample inputs (``sample_inputs``: arrays or a loader; otherwise random data shaped by
-``input_spec``). Its outputs are compared with the dygraph model's (relative L2 and top-1
-agreement) and the int8 compute ops of the optimized program are counted (one per layer exported
+``input_spec``; a loader is sampled evenly across its whole length). Its outputs are compared
+with the dygraph model's (relative L2, per sample too; top-1 agreement over the samples whose
+top-1 is clear, ``selfcheck.compare_samples``; near ties are judged by relative L2 only, which
+an untrained network's outputs are) and the int8 compute ops of the optimized program are counted (one per layer exported
 int8). If the numbers miss ``min_agreement`` / ``max_rel_l2`` and ``fallback`` is on, the layers
 responsible are searched (``selfcheck.find_culprits``: first guess, the int8 layers with a signed
 input; then a bisection over the layers in forward order) within ``search_time_limit`` seconds.
@@ -94,8 +96,12 @@ The reference is always the quantized dygraph model (a deep copy in eval mode; a
 quanters frozen at their scale, so PTQ calibrators stop observing and the check samples do not
 change any scale).
 
-Files are written to a temporary directory next to the target and moved into place at the end;
-an existing export is replaced only with ``overwrite=True``. No global state changes: the model
+Files are written to a temporary directory next to the target and moved into place at the end,
+the JSON last with the SHA-256 of each model file (``qtrainer.quant.publish``; our loaders refuse
+files that do not match it, so an interrupted replacement never passes for a checked model;
+staging directories of killed exports are removed by the next export to the same target). An
+existing export is replaced only with ``overwrite=True``, or when its JSON records the same
+``run_id`` (the same run, resumed). No global state changes: the model
 is traced inside ``paddle.pir_utils.DygraphOldIrGuard`` and the process stays in dynamic mode.
 """
 from __future__ import annotations
@@ -108,7 +114,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -122,10 +127,11 @@ from qtrainer.quant.base import Quanter, qmax_for_bits
 from qtrainer.quant.inference import load_int8_predictor, read_program_ops, run_predictor
 from qtrainer.quant.observers import MIN_SCALE
 from qtrainer.quant.pact import PACTQuanter
+from qtrainer.quant.publish import make_staging_dir, publish, report_run_id
 from qtrainer.quant.quanters import INT8_QMAX, FakeQuanter, fake_quant
 from qtrainer.quant.selfcheck import (
     CheckResult,
-    compare_outputs,
+    compare_samples,
     find_culprits,
     judge,
     sample_batches,
@@ -133,7 +139,7 @@ from qtrainer.quant.selfcheck import (
 )
 from qtrainer.quant.wrap import QuantedLayer, iter_quanted_layers
 
-__all__ = ["export_quantized_model", "ExportReport", "ExportCheckError", "LayerExport"]
+__all__ = ["export_quantized_model", "check_export_target", "ExportReport", "ExportCheckError", "LayerExport"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +205,8 @@ class ExportReport:
     sample_source: str | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     written: bool = False
+    run_id: str | None = None  # the run that wrote it (the callbacks replace their own export on resume)
+    sha256: dict[str, str] = field(default_factory=dict)  # {file name: hex}, what the loaders verify
 
     @property
     def int8_layers(self) -> list[str]:
@@ -219,6 +227,7 @@ class ExportReport:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "paddle": paddle.__version__,
+            "run_id": self.run_id,
             "files": self.files,
             "input_spec": self.input_spec,
             "int8_layers": self.int8_layers,
@@ -459,6 +468,7 @@ def export_quantized_model(
     search_time_limit: float = 300.0,
     on_failure: str = "raise",
     overwrite: bool = False,
+    run_id: str | None = None,
     keep_float: Sequence[str] = (),
     fake_quant_layers: Sequence[str] = (),
     clip_activations: bool | str = "auto",
@@ -484,6 +494,9 @@ def export_quantized_model(
         on_failure: ``'raise'`` (raise ``ExportCheckError``, write nothing) or ``'write'`` (write
             the model and a report saying the check failed).
         overwrite: replace an existing export at ``path``.
+        run_id: an identifier of the run writing the export, recorded in the JSON; an existing
+            export recorded with the same ``run_id`` (this run's own, e.g. before a resume) is
+            replaced without ``overwrite`` (see ``check_export_target``).
         keep_float: names or ``fnmatch`` patterns of quantized layers to export as their float
             layer (not quantized at all).
         fake_quant_layers: names or patterns of layers to export as ``'fake-quant'`` from the
@@ -514,7 +527,7 @@ def export_quantized_model(
             f"export_quantized_model: {type(model).__name__} has no quantized layer; quantize it "
             "first (QAT(...).quantize(model), or PTQ) -- a float model exports with paddle.jit.save"
         )
-    prefix = _target_prefix(path, overwrite)
+    prefix = _target_prefix(path, overwrite, run_id)
     staging, created_dirs = _make_staging_dir(prefix)
     published = False
     try:
@@ -531,6 +544,7 @@ def export_quantized_model(
         plans, weights = _plan_layers(quanted, observed, keep_float, clip_activations)
         exporter = _Exporter(work, quanted, plans, weights, spec, staging, batches, reference,
                              observed, min_agreement, max_rel_l2, strict_int8, num_threads)
+        exporter.caveats = _check_caveats(source, plans)
         candidates = [n for n in exporter.order if plans[n].export == "int8"]
         if not candidates:
             raise ValueError(
@@ -562,9 +576,15 @@ def export_quantized_model(
             check=final.result,
             sample_source=source if check else None,
             attempts=[a.to_dict() for a in exporter.attempts],
+            run_id=run_id,
         )
         if report.check is not None and report.check.notes:
             logger.warning("export %s: %s", prefix, "; ".join(report.check.notes))
+        if report.check is not None and report.check.caveats:
+            logger.warning(
+                "export %s: the self-check is weak here: %s -- check the deployed model on real "
+                "data (qtrainer.quant.inference)", prefix, "; ".join(report.check.caveats)
+            )
         if report.check is not None and not report.check.passed:
             message = (
                 f"export self-check failed for {prefix}: {report.check.summary()}; kept float: "
@@ -613,7 +633,18 @@ def _check_options(model, min_agreement, max_rel_l2, on_failure, clip_activation
         raise ValueError(f"search_time_limit={search_time_limit!r} must be a number of seconds >= 0")
 
 
-def _target_prefix(path: Any, overwrite: bool) -> str:
+def check_export_target(path: Any, overwrite: bool = False, run_id: str | None = None) -> str:
+    """Check that an export may be written at the prefix ``path``; return it as an absolute path.
+
+    Absent: fine. Present and recorded with ``run_id`` (written earlier by this same run, e.g.
+    before it was killed and resumed): it will be replaced. Present otherwise: ``FileExistsError``
+    naming the files, unless ``overwrite``. Also refuses a directory, a path with an extension and
+    an existing file (``ValueError``). Cheap: the callbacks call it before training.
+    """
+    return _target_prefix(path, overwrite, run_id)
+
+
+def _target_prefix(path: Any, overwrite: bool, run_id: str | None = None) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str (a file prefix), got {type(path).__name__}")
     path = os.fspath(path)
@@ -636,8 +667,14 @@ def _target_prefix(path: Any, overwrite: bool) -> str:
         )
     existing = [path + s for s in _MODEL_FILES + (_JSON_SUFFIX,) if os.path.exists(path + s)]
     if existing and not overwrite:
+        owner = report_run_id(path)
+        if run_id is not None and owner == run_id:
+            logger.info("export: %s was written by this run (run_id %s) before; it will be replaced", path, run_id)
+            return os.path.abspath(path)
+        whose = (f"written by another run (run_id {owner})" if owner is not None
+                 else "not written by a qtrainer run with a run id")
         raise FileExistsError(
-            f"an export already exists at {path!r} ({', '.join(existing)}); pass overwrite=True "
+            f"an export already exists at {path!r} ({', '.join(existing)}; {whose}); pass overwrite=True "
             "to replace it or choose another path"
         )
     return os.path.abspath(path)
@@ -653,8 +690,7 @@ def _make_staging_dir(prefix: str) -> tuple[str, list[str]]:
         directory = os.path.dirname(directory)
     try:
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.", suffix=".export-tmp", dir=parent)
-        return staging, created
+        return make_staging_dir(parent, os.path.basename(prefix)), created
     except OSError as err:
         _remove_empty(created)
         raise PermissionError(
@@ -831,6 +867,33 @@ def _observe(work: nn.Layer, quanted: dict[str, QuantedLayer], batches) -> tuple
 def _threshold_of(layer: QuantedLayer) -> float:
     """The activation threshold T as a float (``TypeError`` naming the layer without ``scale()``)."""
     return float(layer.act_scale().reshape([-1])[0].item())
+
+
+def _check_caveats(source: str, plans: dict[str, "LayerExport"]) -> list[str]:
+    """Why the self-check proves less than usual, known before it runs."""
+    caveats = []
+    if source == "random":
+        caveats.append("random inputs (no sample_inputs), not the data the model was trained or calibrated on")
+    zeros = [n for n, p in plans.items() if p.reason and "only saw zeros" in p.reason]
+    if zeros:
+        caveats.append(
+            f"{len(zeros)} layer(s) saw only zeros (scales never observed, e.g. an untrained or "
+            f"uncalibrated network) and stay float: {', '.join(zeros[:3])}{', ...' if len(zeros) > 3 else ''}"
+        )
+    return caveats
+
+
+def _tie_caveat(comparison) -> list[str]:
+    """A caveat when most samples have near-tied top-1 scores (so top-1 agreement says little)."""
+    if comparison.zero_reference:
+        return ["the model's outputs are all (nearly) zero on these samples (activations vanish, e.g. an "
+                "untrained network): there is nothing to compare"]
+    if comparison.top1_agreement_all is None or 2 * comparison.judged_samples >= comparison.samples:
+        return []
+    return [
+        f"{comparison.samples - comparison.judged_samples} of {comparison.samples} samples have "
+        "near-tied top-1 scores (within the tolerated error); judged by relative L2 error only"
+    ]
 
 
 # ---------------------------------------------------------------------- per-layer plan
@@ -1062,6 +1125,7 @@ class _Exporter:
         self.strict_int8 = strict_int8
         self.num_threads = num_threads
         self.attempts: list[_Attempt] = []
+        self.caveats: list[str] = []  # why this check proves less than usual (set by the caller)
         self._cache: dict[tuple[frozenset, frozenset], _Attempt] = {}
         self.residual_convs: set[str] | None = None  # found in the first traced program
 
@@ -1131,9 +1195,10 @@ class _Exporter:
             deployed = run_predictor(predictor, self.batches)
             del predictor
             expected = sum(p.calls for n, p in self.plans.items() if p.export == "int8" and n not in floated)
-            rel_l2, agreement = compare_outputs(deployed, self.reference)
-            result = judge(len(self.reference[0]), rel_l2, agreement, counts, expected,
-                           self.min_agreement, self.max_rel_l2, self.strict_int8)
+            comparison = compare_samples(deployed, self.reference, margin_rel_l2=self.max_rel_l2)
+            result = judge(comparison.samples, comparison.rel_l2, comparison.top1_agreement, counts,
+                           expected, self.min_agreement, self.max_rel_l2, self.strict_int8,
+                           comparison=comparison, caveats=self.caveats + _tie_caveat(comparison))
             logger.info("export check, fake-quant %s, clipped %s: %s", sorted(floated) or "none",
                         sorted(clipped) or "none", result.summary())
         record = _Attempt(floated, clipped, directory, result, time.monotonic() - start)
@@ -1148,22 +1213,21 @@ class _Exporter:
 
 # ---------------------------------------------------------------------- publishing
 def _publish(directory: str, staging: str, prefix: str, report: ExportReport) -> dict[str, str]:
-    """Move the chosen attempt's files and the JSON into place; returns ``{kind: path}``."""
-    files = {}
+    """Move the chosen attempt's files into place, the JSON last with their SHA-256
+    (``qtrainer.quant.publish``: a kill in between leaves a model our loaders refuse); returns
+    ``{kind: path}``."""
+    files, moves, obsolete = {}, {}, []
     for suffix in _MODEL_FILES:
         source = os.path.join(directory, "model" + suffix)
         if os.path.exists(source):
             files[suffix.lstrip(".").replace(".", "_")] = prefix + suffix
+            moves[source] = prefix + suffix
+        elif os.path.exists(prefix + suffix):
+            obsolete.append(prefix + suffix)  # the earlier export's, not part of this one
     files["quant_json"] = prefix + _JSON_SUFFIX
     report.files = files
-    json_tmp = os.path.join(staging, "report.json")
-    with open(json_tmp, "w") as handle:
-        json.dump(report.to_dict(), handle, indent=2, default=_json_default)
-    for suffix in _MODEL_FILES:
-        source = os.path.join(directory, "model" + suffix)
-        if os.path.exists(source):
-            os.replace(source, prefix + suffix)
-    os.replace(json_tmp, prefix + _JSON_SUFFIX)
+    content = json.loads(json.dumps(report.to_dict(), default=_json_default))
+    report.sha256 = publish(moves, prefix + _JSON_SUFFIX, content, remove=obsolete)
     return files
 
 

@@ -5,6 +5,11 @@
 ``quantize_linear``/``dequantize_linear`` pairs written by ``qtrainer.quant.export`` into int8
 oneDNN kernels. ``run_predictor`` feeds numpy batches and returns the outputs.
 
+Every loader here first checks the model files against their export report, when there is one
+(``qtrainer.quant.publish.verify_export``): the SHA-256 recorded by the export must match, so an
+export interrupted between its renames (a new ``.pdmodel`` with an old ``.pdiparams``) is refused
+with ``ExportIntegrityError`` (a ``ValueError``) instead of computing another model's outputs.
+
 How we know a model really runs int8: ``load_int8_predictor`` also asks Paddle to save the program
 it optimized (``enable_save_optim_model``) and counts the compute ops (convolutions, fc, matmul)
 whose ``mkldnn_data_type`` attribute is ``'int8'`` (``read_program_ops`` parses the saved
@@ -28,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from qtrainer.quant.publish import verify_export
 
 __all__ = [
     "INT8_COMPUTE_OPS",
@@ -58,6 +65,8 @@ _OPTIMIZED_NAME = "_optimized"
 
 
 def _model_files(prefix: str) -> tuple[str, str]:
+    """The model and params files at ``prefix``, verified against their export report if it has one
+    (``qtrainer.quant.publish.verify_export``: an interrupted or mixed export is refused)."""
     model, params = prefix + ".pdmodel", prefix + ".pdiparams"
     missing = [p for p in (model, params) if not os.path.isfile(p)]
     if missing:
@@ -65,6 +74,7 @@ def _model_files(prefix: str) -> tuple[str, str]:
             f"no Paddle inference model at prefix {prefix!r}: missing {', '.join(missing)} "
             "(pass the path given to paddle.jit.save / export_quantized_model, without extension)"
         )
+    verify_export(prefix)
     return model, params
 
 

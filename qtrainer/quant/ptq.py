@@ -146,6 +146,10 @@ class PTQ:
             },
             source="PTQ arguments",
         )
+        # the result is deployed by save_quantized_model: refuse what the int8 export cannot run
+        self.config.require_deployable_bits(
+            "PTQ arguments (quant_bits / weight_bits)"
+        )
         self.fused_pairs: list[tuple[str, str]] = []
 
     def make_calibrator(self) -> nn.Layer:

@@ -9,7 +9,8 @@ from qtrainer.callbacks.base import Callback
 from qtrainer.quant.log_stats import log_quant_stats
 from qtrainer.quant.ptq import PTQ, calibrate, freeze, pause_calibration
 from qtrainer.quant.ptq_report import PTQReport, build_ptq_report
-from qtrainer.quant.samples import first_inputs, input_spec_for
+from qtrainer.quant.publish import callback_export_prefix, new_run_id
+from qtrainer.quant.samples import first_inputs, input_spec_for, spread_inputs
 from qtrainer.quant.sync import reduce_calibration_stats
 from qtrainer.quant.wrap import iter_quanted_layers
 
@@ -51,6 +52,9 @@ class PTQCallback(Callback):
       threshold on the same histogram, the activation histogram, the fraction clipped, the
       output SQNR, plus the weight statistics QAT logs), and sets ``trainer.should_stop`` so that
       no training epoch runs.
+    * ``on_fit_start`` (before calibrating): checks the export target as ``QATCallback`` does
+      (absent, this run's own after a resume, or ``export_kwargs={'overwrite': True}``; otherwise
+      ``FileExistsError`` before any work).
     * ``on_fit_end`` of a successful fit (rank 0): exports with ``PTQ.save_quantized_model`` to
       ``export_dir`` (default ``<log_dir>/export/model``), self-checked against the dygraph model
       on ``check_batches`` validation (else training) batches; writes the per-layer table next
@@ -120,6 +124,7 @@ class PTQCallback(Callback):
         self.report: PTQReport | None = None
         self.report_files: dict[str, str] = {}
         self.export_report = None
+        self.run_id: str | None = None
 
     @property
     def state_key(self) -> str:
@@ -127,7 +132,19 @@ class PTQCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.ptq.to_dict(), "quantized_layers": list(self.quantized_layers),
-                "calibration_batches": self.calibration_batches}
+                "calibration_batches": self.calibration_batches, "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("run_id"), str):  # a resumed run: its own earlier export may be replaced
+            self.run_id = state["run_id"]
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if stage == "fit":
+            self.run_id = new_run_id()  # replaced by the checkpoint's when the fit resumes
+
+    def on_fit_start(self, trainer, module) -> None:
+        if self.export_dir is not False:
+            callback_export_prefix("PTQCallback", self.export_dir, trainer.log_dir, self.export_kwargs, self.run_id)
 
     # -- quantize -----------------------------------------------------------------------------
     def configure_model(self, trainer, module) -> None:
@@ -200,12 +217,13 @@ class PTQCallback(Callback):
             return
         prefix = None
         if self.export_dir is not False:
-            samples = first_inputs(self._sample_loader(trainer), self.check_batches)
+            samples = spread_inputs(self._sample_loader(trainer), self.check_batches)
             input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
-            directory = self.export_dir or os.path.join(trainer.log_dir, "export")
-            prefix = os.path.join(directory, "model")
+            prefix = callback_export_prefix("PTQCallback", self.export_dir, trainer.log_dir, self.export_kwargs,
+                                            self.run_id)
             self.export_report = self.ptq.save_quantized_model(
-                module, prefix, input_spec=input_spec, sample_inputs=samples or None, **self.export_kwargs
+                module, prefix, input_spec=input_spec, sample_inputs=samples or None,
+                **{"run_id": self.run_id, **self.export_kwargs}
             )
             log.info("PTQ export written to %s", prefix)
         if self.write_report and self.report is not None:

@@ -49,7 +49,9 @@ class QAT:
 
     Args:
         config: dict of settings (see ``qtrainer.quant.config``; ``None`` = defaults) or a
-            ``QuantConfig``. Unknown keys and bad values raise ``ValueError``.
+            ``QuantConfig``. Unknown keys and bad values raise ``ValueError``, and so do
+            ``weight_bits`` / ``activation_bits`` above 8: ``save_quantized_model`` deploys on
+            int8 CPU kernels (``qtrainer.quant.quantize_model`` simulates up to 16 bits).
         weight_preprocess, act_preprocess, weight_quantize, act_quantize: optional user
             classes, see the module docstring.
     """
@@ -63,6 +65,7 @@ class QAT:
         act_quantize: type | None = None,
     ) -> None:
         self.config = QuantConfig.from_dict(config, source="QAT config")
+        self.config.require_deployable_bits("QAT config")
         check_user_class(weight_preprocess, "weight_preprocess")
         check_user_class(act_preprocess, "act_preprocess")
         check_user_class(weight_quantize, "weight_quantize")

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from qtrainer.callbacks.base import Callback
 from qtrainer.quant.config import QuantConfig
 from qtrainer.quant.log_stats import log_quant_stats
 from qtrainer.quant.pact import PACT
-from qtrainer.quant.samples import first_inputs, input_spec_for
+from qtrainer.quant.publish import callback_export_prefix, new_run_id
+from qtrainer.quant.samples import input_spec_for, spread_inputs
 from qtrainer.quant.stats import record_activation_clipping
 from qtrainer.quant.sync import SYNC_MODES, QuantStateSync, scale_spread_metrics
 from qtrainer.quant.wrap import iter_quanted_layers, quantize_model
@@ -37,10 +37,16 @@ class QATCallback(Callback):
     * every ``trainer.log_every_n_steps`` optimizer steps and at each epoch end: logs per-layer
       statistics under ``quant/<layer>/...`` (activation scale, PACT α, fraction of values
       clipped, weight SQNR, weight-scale histograms) to the trainer's loggers.
+    * ``on_fit_start`` (after a checkpoint is restored, before any training): checks the export
+      target. Absent: fine. Written by this same run (the ``run_id`` kept in the callback's
+      checkpoint state matches the one in ``model.quant.json``: a run killed after its export and
+      resumed): replaced at the end. Anything else: ``FileExistsError`` now, naming the path and
+      the ways out (``export_kwargs={'overwrite': True}``, another ``export_dir``, a versioned
+      logger directory), rather than after the training.
     * ``on_fit_end`` of a successful fit (rank 0): exports to ``export_dir`` (default
       ``<log_dir>/export/model``) with ``qtrainer.quant.export.export_quantized_model``, checked
       against the dygraph model on ``check_batches`` batches of the validation (else training)
-      loader; the report is kept in ``export_report``.
+      loader; the report is kept in ``export_report``. The JSON records the run's ``run_id``.
 
     Args:
         config: the ``QAT`` config dict (or ``QuantConfig``); None = PaddleSlim's defaults.
@@ -74,6 +80,8 @@ class QATCallback(Callback):
         if sync is not None and sync not in SYNC_MODES:
             raise ValueError(f"QATCallback(sync={sync!r}): use one of {', '.join(map(repr, SYNC_MODES))} or None")
         self.config = QuantConfig.from_dict(config)
+        if export_dir is not False:  # refuse now what the export at the end could not deploy
+            self.config.require_deployable_bits("QATCallback config")
         self.user_classes = dict(weight_preprocess=weight_preprocess, act_preprocess=act_preprocess,
                                  weight_quantize=weight_quantize, act_quantize=act_quantize)
         self.export_dir = export_dir
@@ -85,6 +93,7 @@ class QATCallback(Callback):
         self.quantized_layers: list[str] = []
         self.sync = sync
         self._sync: QuantStateSync | None = None
+        self.run_id: str | None = None
 
     @property
     def state_key(self) -> str:
@@ -115,12 +124,23 @@ class QATCallback(Callback):
             log.info("QAT: PACT α follows the data during its warm-up, so DataParallel looks for unused parameters")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "quantized_layers": list(self.quantized_layers)}
+        return {"config": self.config.to_dict(), "quantized_layers": list(self.quantized_layers),
+                "run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != self.config.to_dict():
             log.warning("QATCallback: the checkpoint was trained with config %s, this run uses %s",
                         state.get("config"), self.config.to_dict())
+        if isinstance(state.get("run_id"), str):  # a resumed run: its own earlier export may be replaced
+            self.run_id = state["run_id"]
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if stage == "fit":
+            self.run_id = new_run_id()  # replaced by the checkpoint's when the fit resumes
+
+    def on_fit_start(self, trainer, module) -> None:
+        if self.export_dir is not False:
+            callback_export_prefix("QATCallback", self.export_dir, trainer.log_dir, self.export_kwargs, self.run_id)
 
     # -- statistics ---------------------------------------------------------------------------
     def _logging_step_next(self, trainer) -> bool:
@@ -156,10 +176,10 @@ class QATCallback(Callback):
         from qtrainer.quant.export import export_quantized_model
 
         loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else trainer.train_dataloader
-        samples = first_inputs(loader, self.check_batches)
+        samples = spread_inputs(loader, self.check_batches)  # across the loader, not its first batches
         input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
-        directory = self.export_dir or os.path.join(trainer.log_dir, "export")
-        path = os.path.join(directory, "model")
+        path = callback_export_prefix("QATCallback", self.export_dir, trainer.log_dir, self.export_kwargs, self.run_id)
+        kwargs = {"run_id": self.run_id, **self.export_kwargs}
         self.export_report = export_quantized_model(module, path, input_spec=input_spec,
-                                                    sample_inputs=samples or None, **self.export_kwargs)
+                                                    sample_inputs=samples or None, **kwargs)
         log.info("QAT export written to %s", path)

@@ -121,7 +121,8 @@ def test_hyperparameters_reach_the_hparams_plugin_and_json(tmp_path):
     assert hp["lr"].number_value == 0.1 and hp["optimizer"].string_value == "sgd"
     assert hp["nesterov"].bool_value is True and hp["net/width"].number_value == 32
     (experiment,) = plugin_records(logger.log_dir, "_hparams_/experiment")
-    assert sorted(m.name.tag for m in experiment.experiment.metric_infos) == ["hp_metric", "test_acc", "val_loss"]
+    # the -1 placeholder was never filled: the HParams tab compares the real final metrics
+    assert sorted(m.name.tag for m in experiment.experiment.metric_infos) == ["test_acc", "val_loss"]
     assert sorted(h.name for h in experiment.experiment.hparam_infos) == ["lr", "nesterov", "net/width", "optimizer"]
     (end,) = plugin_records(logger.log_dir, "_hparams_/session_end_info")
     assert end.session_end_info.status == 1  # STATUS_SUCCESS
@@ -178,3 +179,46 @@ def test_bad_values_are_named(tmp_path):
         logger.log_histogram("w", np.array([1.0, np.nan]), step=0)
     with pytest.raises(ValueError, match="version=-1"):
         TensorBoardLogger(tmp_path, version=-1)
+
+
+def _fit_classifier(tmp_path, **trainer_kwargs):
+    """A ClassificationModule (it has hparams) fit for 2 epochs with a TensorBoardLogger."""
+    import paddle
+    from paddle import nn
+
+    from qtrainer import ClassificationModule, Trainer
+
+    from helpers import make_loader, quiet_trainer_kwargs
+
+    paddle.seed(0)
+    module = ClassificationModule(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), lr=0.05)
+    logger = TensorBoardLogger(tmp_path)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2, logger=logger, **trainer_kwargs))
+    trainer.fit(module, make_loader(), make_loader(shuffle=False))
+    return trainer, logger
+
+
+def _last(values, tag):
+    return values[tag][-1][1]
+
+
+def test_hp_metric_is_the_final_val_loss_of_a_fit(tmp_path):
+    trainer, logger = _fit_classifier(tmp_path)
+    values = scalars(logger.log_dir)
+    assert values["hp_metric"][0] == (0, -1.0)  # the placeholder, until the fit's end
+    assert _last(values, "hp_metric") == np.float32(trainer.callback_metrics["val_loss"])
+    assert values["hp_metric"][-1][0] == trainer.global_step
+    (experiment,) = plugin_records(logger.log_dir, "_hparams_/experiment")
+    columns = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert {"hp_metric", "val_loss", "val_acc"} <= columns
+    assert _last(values, "val_acc") == np.float32(trainer.callback_metrics["val_acc"])
+
+
+def test_hp_metric_follows_the_monitored_metric(tmp_path):
+    from qtrainer.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_acc", mode="max")
+    trainer, logger = _fit_classifier(tmp_path, enable_checkpointing=True, callbacks=[checkpoint])
+    values = scalars(logger.log_dir)
+    assert _last(values, "hp_metric") == np.float32(trainer.callback_metrics["val_acc"])
+    assert trainer.callback_metrics["val_acc"] != trainer.callback_metrics["val_loss"]

@@ -94,6 +94,20 @@ def test_bits_at_the_limits(bits):
     assert QuantConfig.from_dict({"weight_bits": bits}).weight_bits == bits
 
 
+def test_deployable_bits_are_at_most_eight():
+    QuantConfig(weight_bits=8, activation_bits=2).require_deployable_bits()
+    with pytest.raises(ValueError, match=r"activation_bits=9 in my config: .*none above 8 bits.*from 2 to 8"):
+        QuantConfig(activation_bits=9).require_deployable_bits("my config")
+
+
+def test_an_exporting_qat_callback_refuses_more_than_eight_bits_before_training():
+    from qtrainer.quant.qat_callback import QATCallback
+
+    with pytest.raises(ValueError, match=r"weight_bits=16 in QATCallback config"):
+        QATCallback({"weight_bits": 16})
+    assert QATCallback({"weight_bits": 16}, export_dir=False).config.weight_bits == 16  # simulation only
+
+
 @pytest.mark.parametrize("rate", [0, 1, 0.0, 1.0, -0.1, 1.5, "0.9", None, True])
 def test_moving_rate_outside_open_interval(rate):
     with pytest.raises(ValueError, match="moving_rate"):

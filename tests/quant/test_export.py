@@ -90,7 +90,7 @@ def tiny_quantized(config=None) -> nn.Layer:
     """A tiny conv + Linear model with observed scales (no real training)."""
     paddle.seed(0)
     net = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    QAT(config=config).quantize(net)
+    quantize_model(net, config)  # the engine: QAT refuses more than 8 bits
     net.train()
     with paddle.no_grad():
         for seed in range(3):
@@ -378,8 +378,8 @@ def test_failing_int8_layer_falls_back_to_float(trained, fmnist, tmp_path, monke
     real_judge = export_module.judge
     total = len(list(iter_quanted_layers(trained)))
 
-    def judge(samples, rel_l2, agreement, int8_ops, expected, *args):
-        result = real_judge(samples, rel_l2, agreement, int8_ops, expected, *args)
+    def judge(samples, rel_l2, agreement, int8_ops, expected, *args, **kwargs):
+        result = real_judge(samples, rel_l2, agreement, int8_ops, expected, *args, **kwargs)
         if expected == total:
             # a numeric failure, whatever this CPU computes: the fallback search must run
             result.failures.append("forced: all-int8 export rejected by the test")
@@ -425,6 +425,60 @@ def test_failed_check_can_be_written_with_an_honest_report(trained, fmnist, tmp_
     assert report.written and report.passed is False
     with open(prefix + ".quant.json") as handle:
         assert json.load(handle)["check"]["passed"] is False
+
+
+def test_a_broken_int8_deployment_is_caught(trained, fmnist, tmp_path, monkeypatch):
+    """Weights deployed on half their scale (a broken export, on any CPU): the check fails, nothing written."""
+    monkeypatch.setattr(export_module, "INT8_QMAX", 63)
+    with pytest.raises(ExportCheckError, match="self-check failed") as info:
+        export_quantized_model(trained, str(tmp_path / "model"), sample_inputs=samples(fmnist), fallback=False)
+    check = info.value.report.check
+    assert check.rel_l2 > 0.3 and "rel_l2" in check.failures[0]
+    assert all_files(tmp_path) == []
+
+
+def test_a_broken_deployment_is_caught_when_the_outputs_are_near_tied(tmp_path, monkeypatch):
+    """An untrained model (near-tied scores: top-1 is not judged) still fails on its relative L2 error."""
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with paddle.no_grad():  # scores 1 + tiny differences, as from an untrained classifier
+        net[3].weight.set_value(net[3].weight * 1e-3)
+        net[3].bias.set_value(paddle.ones([3]))
+    quantize_model(net, None)
+    net.train()
+    with paddle.no_grad():
+        net(paddle.to_tensor(tiny_batch(0)))
+    net.eval()
+    batches = [tiny_batch(s, 32) for s in (1, 2)]
+    assert export_quantized_model(net, str(tmp_path / "ok"), sample_inputs=batches).check.judged_samples == 0
+    monkeypatch.setattr(export_module, "INT8_QMAX", 63)
+    with pytest.raises(ExportCheckError, match="self-check failed") as info:
+        export_quantized_model(net, str(tmp_path / "m"), sample_inputs=batches, fallback=False)
+    check = info.value.report.check
+    assert check.judged_samples == 0 and check.rel_l2 < 0.05  # the common offset hides the error...
+    assert check.centered_rel_l2 > 0.3 and "around each sample's mean" in check.failures[0]  # ...not here
+
+
+def test_the_check_reports_its_worst_samples_and_how_many_were_judged(trained, fmnist, tmp_path):
+    prefix = str(tmp_path / "model")
+    report = export_quantized_model(trained, prefix, sample_inputs=samples(fmnist))
+    check = report.check
+    assert 0 < check.judged_samples <= check.samples == 512
+    assert len(check.worst_samples) == 5
+    worst = [w["rel_l2"] for w in check.worst_samples]
+    assert worst == sorted(worst, reverse=True) and worst[0] == check.sample_rel_l2_quantiles["max"]
+    with open(prefix + ".quant.json") as handle:
+        data = json.load(handle)["check"]
+    assert data["judged_samples"] == check.judged_samples and data["worst_samples"][0]["index"] == check.worst_samples[0]["index"]
+
+
+def test_random_samples_are_a_caveat(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qtrainer.quant.export"):
+        report = export_quantized_model(tiny_quantized(), str(tmp_path / "m"), input_spec=TINY_SPEC)
+    assert report.written and any("random inputs" in c for c in report.check.caveats)
+    assert any("self-check is weak" in r.getMessage() for r in caplog.records)
 
 
 def test_find_culprits_bisects_to_the_responsible_layers():

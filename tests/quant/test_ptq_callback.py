@@ -222,3 +222,15 @@ def test_a_ptq_instance_and_the_report_without_export(tmp_path):
     assert callback.export_report is None
     assert callback.report_files["csv"] == os.path.join(trainer.log_dir, "ptq.ptq_report.csv")
     assert all(row.calibrator == "MSEQuantizer" for row in callback.report.layers)
+
+
+def test_an_existing_export_is_refused_before_calibrating(tmp_path):
+    """Run twice with the same export_dir: the second fit stops before calibrating, the first export stays."""
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.quant.json").write_text('{"run_id": "an earlier run"}')
+    callback = PTQCallback(calib_batches=1, export_dir=str(tmp_path / "export"), report=False)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(FileExistsError, match=r"PTQCallback: .*written by another run.*overwrite"):
+        trainer.fit(_module(), *_loaders(), callbacks=[callback])
+    assert callback.calibration_batches == 0
+    assert (tmp_path / "export" / "model.quant.json").read_text() == '{"run_id": "an earlier run"}'

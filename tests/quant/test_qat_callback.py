@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -111,3 +112,57 @@ def test_scale_statistics_reach_the_logger(tmp_path):
     assert all(s > 0 for s in scale)
     clip = [r["quant/net.5/act_clip_fraction"] for r in rows if r.get("quant/net.5/act_clip_fraction")]
     assert clip and all(0.0 <= float(c) <= 1.0 for c in clip)
+
+
+# -- the export target: this run's own export is replaced on resume, anything else is refused up front
+def _export_fit(root, epochs=2, ckpt_path=None, **callback_kwargs):
+    """A QAT fit with step checkpoints that exports (no self-check: the lifecycle is under test here)."""
+    model = module()
+    checkpoint = ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1, save_last=True)
+    callback_kwargs.setdefault("export_kwargs", {"check": False})
+    callback = QATCallback(export_dir=str(root / "export"), check_batches=1, **callback_kwargs)
+    trainer = Trainer(**quiet_trainer_kwargs(root, max_epochs=epochs, seed=3, enable_checkpointing=True,
+                                             callbacks=[checkpoint]))
+    trainer.fit(model, *loaders(), callbacks=[callback], ckpt_path=ckpt_path)
+    return callback, trainer
+
+
+def _report(root):
+    with open(root / "export" / "model.quant.json") as handle:
+        return json.load(handle)
+
+
+def test_a_run_killed_after_its_export_resumes_and_replaces_its_own_export(tmp_path):
+    first, full = _export_fit(tmp_path)  # ran to its export; "killed" right after it
+    steps = sorted((f for f in os.listdir(tmp_path / "ckpt") if f != "last.ckpt"),
+                   key=lambda f: os.path.getmtime(tmp_path / "ckpt" / f))
+    resumed, trainer = _export_fit(tmp_path, ckpt_path=str(tmp_path / "ckpt" / steps[0]))  # retrains, exports
+    assert trainer.global_step == full.global_step and resumed.export_report.written
+    assert resumed.run_id == first.run_id == _report(tmp_path)["run_id"]
+    assert _report(tmp_path)["state"] == "complete"
+
+
+def test_another_runs_export_is_refused_before_training(tmp_path):
+    """A QAT script run twice with logger=False: the second run stops at once, the first export stays."""
+    first, _ = _export_fit(tmp_path, epochs=1)
+    before = _report(tmp_path)
+    model = module()
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(FileExistsError, match=r"written by another run.*overwrite.*export_dir.*versioned"):
+        trainer.fit(model, *loaders(), callbacks=[QATCallback(export_dir=str(tmp_path / "export"))])
+    assert trainer.global_step == 0 and _report(tmp_path) == before
+
+
+def test_a_users_file_at_the_export_target_is_refused_before_training(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.pdmodel").write_bytes(b"my own model")
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(FileExistsError, match="not written by a qtrainer run"):
+        trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=str(tmp_path / "export"))])
+    assert trainer.global_step == 0 and (tmp_path / "export" / "model.pdmodel").read_bytes() == b"my own model"
+
+
+def test_overwrite_replaces_another_runs_export(tmp_path):
+    first, _ = _export_fit(tmp_path, epochs=1)
+    second, _ = _export_fit(tmp_path, epochs=1, export_kwargs={"check": False, "overwrite": True})
+    assert second.run_id != first.run_id and _report(tmp_path)["run_id"] == second.run_id

@@ -110,3 +110,33 @@ def test_every_other_architecture_runs_every_method(tmp_path, arch):
         assert result["images"] == 8 and sum(result["int8_ops"].values()) > 0, (method, result["int8_ops"])
     dynamic = json.load(open(tmp_path / "out" / arch / "dynamic" / "results.json"))
     assert dynamic["params_ratio"] < 0.5
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_before_training(tmp_path, monkeypatch):
+    """The main command run twice: refused at once (nothing retrained, the FP32 weights kept), not at the export."""
+    data = write_folder(tmp_path / "data", train=2)
+    run.main(["mobilenet_v1", "fp32", "--data", data, "--max-steps", "1", *args(tmp_path)])
+    weights = tmp_path / "out" / "mobilenet_v1" / "fp32" / "net.pdparams"
+    before = weights.read_bytes()
+    monkeypatch.setattr(run, "build_loaders", lambda s: pytest.fail("loaded data and trained before refusing"))
+    with pytest.raises(SystemExit, match=r"already holds the results of an earlier run \(fp32/net\.pdparams.*--overwrite"):
+        run.main(["mobilenet_v1", "all", "--data", data, "--max-steps", "1", *args(tmp_path)])
+    assert weights.read_bytes() == before
+
+
+def test_overwrite_replaces_an_earlier_runs_export(tmp_path):
+    data = write_folder(tmp_path / "data", train=2)
+    common = ["--data", data, "--width", "0.25", "--calib-batches", "1", *args(tmp_path), "--check-time-limit", "0"]
+    run.main(["mobilenet_v1", "ptq", "--from-scratch", *common])
+    first = json.load(open(tmp_path / "out" / "mobilenet_v1" / "ptq" / "export" / "model.quant.json"))["run_id"]
+    run.main(["mobilenet_v1", "ptq", "--from-scratch", "--overwrite", *common])
+    second = json.load(open(tmp_path / "out" / "mobilenet_v1" / "ptq" / "export" / "model.quant.json"))
+    assert second["run_id"] != first and second["state"] == "complete"
+
+
+def test_pretrained_file_of_random_bytes_names_the_file(tmp_path):
+    data = write_folder(tmp_path / "data")
+    path = tmp_path / "noise.pdparams"
+    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    with pytest.raises(SystemExit, match=r"--pretrained '.*noise\.pdparams' is not a Paddle state dict"):
+        run.main(["resnet18", "dynamic", "--data", data, "--pretrained", str(path), *args(tmp_path)])
