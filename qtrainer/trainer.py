@@ -21,7 +21,7 @@ import paddle
 from qtrainer import __version__
 from qtrainer.callbacks.base import Callback
 from qtrainer.checkpoint_io import FORMAT_VERSION, CheckpointError, load_checkpoint_file, save_checkpoint_file
-from qtrainer.data.iterators import close_iterator as _close_iterator, guard_iterator
+from qtrainer.data.iteration import close_iterator as _close_iterator, guard_iterator
 from qtrainer.device import default_num_threads, resolve_device, resolve_precision, set_num_threads
 from qtrainer.distributed import agree_on_batches, resolve_strategy
 from qtrainer.hooks import MODULE_HOOKS, overrides_hook

@@ -9,7 +9,7 @@ image exactly once. On one process they use ``paddle.io.BatchSampler``.
 An image that cannot be read raises :class:`~qtrainer.data.folder.UnreadableImageError` (naming the
 file, with the decoder's error as its cause) from the loop that iterates the loader, for any
 ``workers``, after the loader is stopped: the samples carry the error to the consumer instead of
-letting Paddle's reader thread die with it (which hangs ``next()``; see ``qtrainer.data.iterators``).
+letting Paddle's reader thread die with it (which hangs ``next()``; see ``qtrainer.data.iteration``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import paddle
 from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from qtrainer.data.folder import ImageFolder
-from qtrainer.data.iterators import FailedSample, collate_or_fail, guard_iterator
+from qtrainer.data.iteration import FailedSample, collate_or_fail, guard_iterator
 from qtrainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
 
 __all__ = ["ShardSampler", "make_loaders"]
@@ -47,7 +47,7 @@ class _LoaderImageFolder(ImageFolder):
     """An ``ImageFolder`` whose ``__getitem__`` returns a ``FailedSample`` instead of raising.
 
     Only the loaders of ``make_loaders`` read it: their collate function and iterator hand the
-    error to the consumer (see ``qtrainer.data.iterators``).
+    error to the consumer (see ``qtrainer.data.iteration``).
     """
 
     def __getitem__(self, index: int):
@@ -58,7 +58,7 @@ class _LoaderImageFolder(ImageFolder):
 
 
 class _Loader(DataLoader):
-    """A ``DataLoader`` whose iterators raise a sample's error (see ``qtrainer.data.iterators``)."""
+    """A ``DataLoader`` whose iterators raise a sample's error (see ``qtrainer.data.iteration``)."""
 
     def __iter__(self):
         return guard_iterator(super().__iter__())

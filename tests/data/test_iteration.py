@@ -1,7 +1,7 @@
 """A dataset's error reaches the consumer, named, instead of hanging Paddle's DataLoader.
 
 Paddle 3.3.1's single-process loader waits forever when ``__getitem__`` raises, and its worker
-loader raises ``SystemError: Blocking queue is killed`` (see ``qtrainer.data.iterators``). Each
+loader raises ``SystemError: Blocking queue is killed`` (see ``qtrainer.data.iteration``). Each
 case runs in a child process (run this file as a script) under a hard timeout, so a regression
 fails the test instead of hanging the suite.
 """
@@ -85,7 +85,7 @@ def test_fit_on_a_users_loader_failing_at_once_raises_instead_of_hanging():
 
 def test_a_failed_sample_pickles_with_its_error_and_cause(tmp_path):
     from qtrainer.data import UnreadableImageError
-    from qtrainer.data.iterators import FailedSample
+    from qtrainer.data.iteration import FailedSample
 
     try:
         try:
@@ -100,7 +100,7 @@ def test_a_failed_sample_pickles_with_its_error_and_cause(tmp_path):
 
 
 def test_an_unpicklable_error_crosses_as_its_text():
-    from qtrainer.data.iterators import FailedSample
+    from qtrainer.data.iteration import FailedSample
 
     class Local(Exception):  # a local class cannot be pickled
         pass
