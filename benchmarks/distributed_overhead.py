@@ -85,7 +85,7 @@ def run(steps: int, batch: int, threads: int, callbacks=(), strategy="auto") -> 
 
 def two_process_worker(steps: int, batch: int, repeats: int, out: str) -> None:
     from qtrainer.quant import QATCallback
-    from qtrainer.quant.sync import QuantStateSync
+    from qtrainer.quant.diagnostics.sync import QuantStateSync
 
     results: dict[str, list[float]] = {"ddp_fp32": [], "qat_nosync": [], "qat_sync": []}
     sync_call = []

@@ -24,7 +24,7 @@ import paddle.inference as paddle_infer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import median, print_table, write_json  # noqa: E402
 from _fashion import normalised, train  # noqa: E402
-from qtrainer.quant.dynamic import quant_post_dynamic  # noqa: E402
+from qtrainer.quant.methods.dynamic import quant_post_dynamic  # noqa: E402
 
 
 def run_inference(model_file: str, params_file: str, images: np.ndarray, batch: int, threads: int,

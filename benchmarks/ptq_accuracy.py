@@ -31,8 +31,8 @@ from _common import print_table, write_json  # noqa: E402
 from _fashion import dygraph_logits, normalised, train  # noqa: E402
 from qtrainer.device import set_num_threads  # noqa: E402
 from qtrainer.quant import PTQ  # noqa: E402
-from qtrainer.quant.inference import create_predictor, load_int8_predictor, run_predictor  # noqa: E402
-from qtrainer.quant.ptq import calibrate  # noqa: E402
+from qtrainer.quant.export.inference import create_predictor, load_int8_predictor, run_predictor  # noqa: E402
+from qtrainer.quant.methods.ptq import calibrate  # noqa: E402
 
 CALIBRATORS = ("KLQuantizer", "HistQuantizer", "AbsmaxQuantizer", "MSEQuantizer")
 SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "image")]

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import median, print_table, write_json  # noqa: E402
 from qtrainer.data import FashionMNISTDataset  # noqa: E402
 from qtrainer.device import set_num_threads  # noqa: E402
-from qtrainer.quant.ptq import PTQ, calibrate, calibration_layers, freeze  # noqa: E402
+from qtrainer.quant.methods.ptq import PTQ, calibrate, calibration_layers, freeze  # noqa: E402
 
 QTRAINER_QUANTIZERS = ("KLQuantizer", "HistQuantizer", "MSEQuantizer", "AbsmaxQuantizer")
 PADDLE_QUANTIZERS = ("KLQuantizer", "HistQuantizer", "AbsmaxQuantizer")

@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, median, print_table, write_json  # noqa: E402
 from _fashion import dygraph_logits, normalised  # noqa: E402
 from qtrainer.quant.export import export_quantized_model  # noqa: E402
-from qtrainer.quant.inference import create_predictor, load_int8_predictor, predict, run_predictor  # noqa: E402
-from qtrainer.quant.qat import QAT  # noqa: E402
+from qtrainer.quant.export.inference import create_predictor, load_int8_predictor, predict, run_predictor  # noqa: E402
+from qtrainer.quant.methods.qat import QAT  # noqa: E402
 
 
 # ====================================================================== accuracy / agreement

@@ -18,9 +18,9 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from qtrainer.quant.qat import QAT
-from qtrainer.quant.quanters import fake_quant
-from qtrainer.quant.stats import collect_quant_stats
+from qtrainer.quant.methods.qat import QAT
+from qtrainer.quant.quanters.fake_quant import fake_quant
+from qtrainer.quant.diagnostics.stats import collect_quant_stats
 
 
 class ClipOutliers(nn.Layer):

@@ -12,13 +12,17 @@ import hashlib
 import os
 import pickle
 import struct
-import tempfile
 from typing import Any
 
-__all__ = ["save_checkpoint_file", "load_checkpoint_file", "CheckpointError", "FORMAT_VERSION"]
+from qtrainer._io import atomic_open
+
+__all__ = ["save_checkpoint_file", "load_checkpoint_file", "CheckpointError", "FORMAT_VERSION", "READABLE_FORMATS"]
 
 MAGIC = b"QTRAINER-CKPT\n"
-FORMAT_VERSION = 1
+# 2: the data seed and running loss moved into "trainer_state" (qtrainer.state.TrainerState);
+# format-1 files are upgraded on load by qtrainer.checkpointing.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 _HEADER = struct.Struct("<Q32s")
 
 
@@ -27,37 +31,12 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint_file(checkpoint: dict[str, Any], path: str) -> None:
-    """Write ``checkpoint`` to ``path`` atomically (temp file, flush, fsync, rename)."""
+    """Write ``checkpoint`` to ``path`` atomically (``qtrainer._io``: temp file, fsync, rename)."""
     payload = pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL)
     header = MAGIC + _HEADER.pack(len(payload), hashlib.sha256(payload).digest())
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".ckpt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb") as handle:
+        handle.write(header)
+        handle.write(payload)
 
 
 def load_checkpoint_file(path: str) -> dict[str, Any]:
@@ -78,6 +57,8 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"checkpoint {path!r} is corrupted (checksum mismatch)")
     checkpoint = pickle.loads(payload)
-    if not isinstance(checkpoint, dict) or checkpoint.get("qtrainer_checkpoint") != FORMAT_VERSION:
-        raise CheckpointError(f"{path!r} is not a qtrainer checkpoint of format {FORMAT_VERSION}")
+    if not isinstance(checkpoint, dict) or checkpoint.get("qtrainer_checkpoint") not in READABLE_FORMATS:
+        found = checkpoint.get("qtrainer_checkpoint") if isinstance(checkpoint, dict) else None
+        raise CheckpointError(f"{path!r} is a qtrainer checkpoint of format {found!r}; this qtrainer reads "
+                              f"formats {list(READABLE_FORMATS)}")
     return checkpoint

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import paddle
 
+from qtrainer._checks import check_positive_int
+
 __all__ = ["resolve_device", "resolve_precision", "Precision", "set_num_threads", "default_num_threads"]
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -89,6 +91,5 @@ def default_num_threads(local_world_size: int = 1) -> int:
 
 def set_num_threads(num_threads: int) -> None:
     """Set the CPU math threads of this process (``import paddle`` forces 1 when unset)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads={num_threads!r}: use a positive integer (or None for all cores)")
+    check_positive_int("num_threads", num_threads, hint=" (Trainer(num_threads=None): all cores)")
     paddle.base.core.set_num_threads(num_threads)

@@ -1,7 +1,7 @@
 """The hook contract: the one place that documents when each hook fires.
 
-Every hook fires on the callbacks first (in the order they were given; checkpoint callbacks
-last), then on the module when the module defines it. ``fit`` fires::
+Every hook fires on the callbacks first (in the order they were given), then on the module when
+the module defines it (the two checkpoint points are callback hooks only). ``fit`` fires::
 
     setup("fit")
     configure_model                      # replace layers here (QAT): no optimizer exists yet
@@ -26,11 +26,13 @@ last), then on the module when the module defines it. ``fit`` fires::
           on_before_zero_grad(optimizer)        # then clear_grad(); "step" schedulers advance
         on_train_batch_end(outputs, batch, batch_idx)
         [val_check_interval reached: <validation block>]
-        [every_n_train_steps checkpoints: state_dict, on_save_checkpoint]
+        [when the optimizer stepped] on_step_checkpoint    # checkpoint point: a save here resumes
+                                                           # mid-epoch exactly (every_n_train_steps)
       <validation block>                 # when due at the end of the epoch
       on_train_epoch_end                 # train epoch means are already in callback_metrics
-      [checkpoint saves: state_dict (callbacks), on_save_checkpoint (callbacks, module)]
-      "epoch" schedulers advance; the stop decision (EarlyStopping, max_steps) is taken
+      "epoch" schedulers advance
+      on_epoch_checkpoint                # checkpoint point: every other hook of the epoch ran
+      the stop decision (EarlyStopping, max_steps) is taken across ranks
     on_train_end
     on_fit_end
     teardown("fit")
@@ -38,6 +40,11 @@ last), then on the module when the module defines it. ``fit`` fires::
     <validation block> = on_validation_start, on_validation_epoch_start,
         (on_validation_batch_start, validation_step, on_validation_batch_end) per batch,
         on_validation_epoch_end, on_validation_end
+
+A save (``trainer.save_checkpoint``) fires ``state_dict`` (callbacks) and ``on_save_checkpoint``
+(callbacks, module). The two checkpoint points come after every hook that may change state in that
+step or epoch, so a callback that saves there (``ModelCheckpoint``, or any other that implements
+them) sees what all the others did, wherever it stands in the callback list.
 
 ``validate``/``test``/``predict`` fire ``setup(stage)``, ``configure_model``, the matching block
 (``on_test_start`` ... or ``on_predict_start`` ...) and ``teardown(stage)``.

@@ -8,6 +8,8 @@ import paddle
 from paddle.optimizer import Optimizer
 from paddle.optimizer.lr import LRScheduler
 
+from qtrainer._checks import check_positive_int
+
 __all__ = ["parse_optimizers", "portable_optimizer_state", "load_portable_optimizer_state"]
 
 _EXPECTED = (
@@ -27,8 +29,7 @@ def _scheduler_config(item: Any) -> dict[str, Any]:
         if interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler interval={interval!r}: use 'step' or 'epoch'")
         frequency = item.get("frequency", 1)
-        if not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"lr_scheduler frequency={frequency!r}: use a positive integer")
+        check_positive_int("lr_scheduler frequency", frequency)
         return {"scheduler": item["scheduler"], "interval": interval, "frequency": frequency}
     raise TypeError(f"configure_optimizers returned a scheduler of type {type(item).__name__}; expected {_EXPECTED}")
 

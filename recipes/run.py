@@ -20,6 +20,7 @@ them. TensorBoard logs never clash: every run gets its own ``version_N``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -32,12 +33,12 @@ import numpy as np
 import paddle
 
 from qtrainer import ClassificationModule, Trainer
+from qtrainer._io import atomic_write_bytes, atomic_write_text
 from qtrainer.callbacks import LearningRateMonitor
 from qtrainer.data import make_loaders, prepare_fashion_mnist_folder
 from qtrainer.loggers import TensorBoardLogger
-from qtrainer.loggers._log_dir import atomic_write_text
 from qtrainer.quant import QATCallback, quantize_dygraph_weights
-from qtrainer.quant.inference import create_predictor, load_int8_predictor, predict
+from qtrainer.quant.export.inference import create_predictor, load_int8_predictor, predict
 from recipes.archs import ARCHS, Defaults
 
 log = logging.getLogger("recipes")
@@ -298,9 +299,9 @@ def run_fp32(s: Settings, loaders) -> dict[str, Any]:
     trainer.fit(_module(s, net, s.fp32_lr), train, val)
     seconds = time.perf_counter() - start
     os.makedirs(s.method_dir("fp32"), exist_ok=True)
-    tmp = f"{s.fp32_weights}.tmp-{os.getpid()}"
-    paddle.save(net.state_dict(), tmp)
-    os.replace(tmp, s.fp32_weights)  # a kill never leaves half a weights file for the next stage
+    weights = io.BytesIO()
+    paddle.save(net.state_dict(), weights)
+    atomic_write_bytes(s.fp32_weights, weights.getvalue())  # a kill never leaves half a weights file for the next stage
     prefix = os.path.join(s.method_dir("fp32"), "export", "model")
     export_fp32(net, prefix, input_spec(s))
     results = deployment_results(s, net, create_predictor(prefix, int8=False, num_threads=s.threads or 1), val)

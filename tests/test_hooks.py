@@ -1,7 +1,6 @@
 """Record every hook call of a callback and a module and compare the whole list (Lightning style)."""
 from __future__ import annotations
 
-import paddle
 import pytest
 
 from qtrainer import Callback, Trainer
@@ -78,15 +77,22 @@ def block(stage, batches, step_name):
     return calls + both(f"on_{stage}_epoch_end") + both(f"on_{stage}_end")
 
 
-def train_batch(step=True):
+def train_batch(step=True, validation=()):
+    """One batch; ``validation``: the validation block that val_check_interval runs after it."""
     calls = both("on_train_batch_start") + [("module", "training_step")] + both("on_before_backward") + both("on_after_backward")
     if step:
         calls += both("on_before_optimizer_step") + both("on_before_zero_grad")
-    return calls + both("on_train_batch_end")
+    calls += both("on_train_batch_end") + list(validation)
+    return calls + ([("cb", "on_step_checkpoint")] if step else [])  # the step checkpoint point (callbacks only)
 
 
 def checkpoint_save():
     return [("cb", "state_dict")] + both("on_save_checkpoint")
+
+
+def epoch_end():
+    """on_train_epoch_end, then the epoch checkpoint point where ModelCheckpoint saves (epoch file, last.ckpt)."""
+    return both("on_train_epoch_end") + [("cb", "on_epoch_checkpoint")] + checkpoint_save() + checkpoint_save()
 
 
 def fit_prefix():
@@ -110,9 +116,8 @@ def test_fit_with_validation(tmp_path):
     expected = (
         fit_prefix() + [("module", "configure_optimizers")] + both("on_fit_start")
         + [("cb", "on_sanity_check_start")] + block("validation", 1, "validation_step") + [("cb", "on_sanity_check_end")]
-        + both("on_train_start") + both("on_train_epoch_start") + train_batch() + train_batch()
-        + block("validation", 2, "validation_step") + both("on_train_epoch_end")
-        + checkpoint_save() + checkpoint_save()  # epoch checkpoint, then last.ckpt
+        + both("on_train_start") + both("on_train_epoch_start") + train_batch()
+        + train_batch(validation=block("validation", 2, "validation_step")) + epoch_end()
         + both("on_train_end") + both("on_fit_end") + both("teardown")
     )
     assert calls == expected
@@ -121,7 +126,7 @@ def test_fit_with_validation(tmp_path):
 def test_fit_without_validation(tmp_path):
     calls = []
     run(tmp_path, calls, epochs=2, batches=1, val=False)
-    epoch = both("on_train_epoch_start") + train_batch() + both("on_train_epoch_end") + checkpoint_save() + checkpoint_save()
+    epoch = both("on_train_epoch_start") + train_batch() + epoch_end()
     expected = (
         fit_prefix() + [("module", "configure_optimizers")] + both("on_fit_start") + both("on_train_start")
         + epoch + epoch + both("on_train_end") + both("on_fit_end") + both("teardown")
@@ -136,7 +141,7 @@ def test_fit_resumed_from_checkpoint(tmp_path):
     expected = (
         fit_prefix() + both("on_load_checkpoint") + [("cb", "load_state_dict"), ("module", "configure_optimizers")]
         + both("on_fit_start") + both("on_train_start")
-        + both("on_train_epoch_start") + train_batch() + both("on_train_epoch_end") + checkpoint_save() + checkpoint_save()
+        + both("on_train_epoch_start") + train_batch() + epoch_end()
         + both("on_train_end") + both("on_fit_end") + both("teardown")
     )
     assert calls == expected
@@ -158,7 +163,7 @@ def test_gradient_accumulation(tmp_path):
     batches = train_batch(step=False) + train_batch(step=True) + train_batch(step=True)
     expected = (
         fit_prefix() + [("module", "configure_optimizers")] + both("on_fit_start") + both("on_train_start")
-        + both("on_train_epoch_start") + batches + both("on_train_epoch_end") + checkpoint_save() + checkpoint_save()
+        + both("on_train_epoch_start") + batches + epoch_end()
         + both("on_train_end") + both("on_fit_end") + both("teardown")
     )
     assert calls == expected
@@ -192,7 +197,8 @@ def test_overrides_hook_tells_own_hooks_from_inherited_no_ops():
     assert not overrides_hook(callback, Callback, "on_train_batch_start")
     callback.on_train_batch_start = lambda *args: None  # set on the instance
     assert overrides_hook(callback, Callback, "on_train_batch_start")
-    assert overrides_hook(callback, Callback, "on_step_checkpoint")  # unknown to the base: called as before
+    assert not overrides_hook(callback, Callback, "on_step_checkpoint")
+    assert overrides_hook(callback, Callback, "on_custom_hook")  # unknown to the base: called as before
 
 
 def test_hooks_set_on_instances_before_they_fire_are_called(tmp_path):

@@ -12,5 +12,19 @@ __all__ = [
     "LearningRateMonitor",
     "ModelCheckpoint",
     "MonitorCallback",
+    "PTQCallback",
+    "QATCallback",
     "TQDMProgressBar",
 ]
+
+# The quantization callbacks import the engine (qtrainer.quant): loaded on first use, so that the
+# Trainer, which imports this package, never imports qtrainer.quant.
+_QUANT_CALLBACKS = {"QATCallback": "qtrainer.callbacks.qat", "PTQCallback": "qtrainer.callbacks.ptq"}
+
+
+def __getattr__(name: str):
+    if name in _QUANT_CALLBACKS:
+        import importlib
+
+        return getattr(importlib.import_module(_QUANT_CALLBACKS[name]), name)
+    raise AttributeError(f"module 'qtrainer.callbacks' has no attribute {name!r}")

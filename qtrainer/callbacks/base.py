@@ -44,6 +44,14 @@ class Callback:
     def on_save_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None: ...
 
+    def on_step_checkpoint(self, trainer, module) -> None:
+        """After each optimizer step's batch is done (its hooks and any validation): a checkpoint
+        written here resumes exactly mid-epoch (``ModelCheckpoint(every_n_train_steps=...)`` saves here)."""
+
+    def on_epoch_checkpoint(self, trainer, module) -> None:
+        """After each training epoch, once every other epoch-end hook ran and the epoch's schedulers
+        advanced: a checkpoint written here resumes with the next epoch (``ModelCheckpoint`` saves here)."""
+
     # -- fit -------------------------------------------------------------------------------
     def on_fit_start(self, trainer, module) -> None: ...
     def on_fit_end(self, trainer, module) -> None: ...

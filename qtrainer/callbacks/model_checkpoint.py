@@ -22,10 +22,11 @@ _FIELD = re.compile(r"\{([^{}:!]+)([^{}]*)\}")  # {name[:format]} in a filename 
 class ModelCheckpoint(MonitorCallback):
     """Save a checkpoint every ``every_n_epochs`` epochs or every ``every_n_train_steps`` steps.
 
-    When it acts: the Trainer calls ``on_epoch_checkpoint`` after each training epoch (after
-    validation and every ``on_train_epoch_end`` hook) and ``on_step_checkpoint`` after each
-    optimizer step; each decides from the ``every_n_*`` settings whether to save. With neither
-    set, it saves after every epoch. It never saves during the sanity check.
+    When it acts: in the two checkpoint hooks (``qtrainer/hooks.py``), ``on_epoch_checkpoint``
+    after each training epoch (after validation and every ``on_train_epoch_end`` hook) and
+    ``on_step_checkpoint`` after each optimizer step; each decides from the ``every_n_*`` settings
+    whether to save. With neither set, it saves after every epoch. It never saves during the
+    sanity check.
 
     Args:
         dirpath: directory of the checkpoints; default ``<trainer.log_dir>/checkpoints``.
@@ -126,7 +127,7 @@ class ModelCheckpoint(MonitorCallback):
             self._validation_has_run = True
 
     def on_epoch_checkpoint(self, trainer, module) -> None:
-        """Called by the Trainer after each training epoch; saves when ``every_n_epochs`` says so."""
+        """Saves when ``every_n_epochs`` says so (and ``last.ckpt`` with ``save_last``)."""
         if trainer.sanity_checking:
             return
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -134,7 +135,7 @@ class ModelCheckpoint(MonitorCallback):
         self._save_last_checkpoint(trainer)
 
     def on_step_checkpoint(self, trainer, module) -> None:
-        """Called by the Trainer after each optimizer step; saves when ``every_n_train_steps`` says so."""
+        """Saves when ``every_n_train_steps`` says so."""
         if trainer.sanity_checking or not self.every_n_train_steps:
             return
         step = trainer.global_step

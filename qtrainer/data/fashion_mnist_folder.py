@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from qtrainer._checks import check_positive_int
 from qtrainer.data import fashion_mnist
 from qtrainer.data.fashion_mnist import CLASSES
 
@@ -173,9 +174,7 @@ def prepare_fashion_mnist_folder(cache_dir: str | None = None, root: str | None 
 
     A complete folder from an earlier call is reused as is (nothing is read or written).
     """
-    if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int)
-                                        or limit_per_class < 1):
-        raise ValueError(f"limit_per_class={limit_per_class!r}: use a positive int, or None for every image")
+    check_positive_int("limit_per_class", limit_per_class, allow_none=True, hint=" (None: every image)")
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     name = "full" if limit_per_class is None else f"first-{limit_per_class}-per-class"
     target = os.path.join(cache_dir, name)

@@ -23,22 +23,24 @@ Two remedies, used together:
   iterates): it watches the reader thread, kills the queue when the thread dies without finishing,
   and raises the thread's exception in the consumer instead of ``SystemError``.
 
-:func:`close_iterator` stops a loader iterator's prefetching without Paddle's one-second sleep.
+:func:`close_iterator` stops a loader iterator's prefetching without Paddle's one-second sleep;
+:func:`loader_length` and :func:`limited_length` say how many batches a loop takes from a loader.
 """
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from paddle.io.dataloader.collate import default_collate_fn
 from paddle.io.dataloader.dataloader_iter import _DataLoaderIterBase, _DataLoaderIterSingleProcess
 
-__all__ = ["FailedSample", "close_iterator", "collate_or_fail", "guard_iterator"]
+__all__ = ["FailedSample", "close_iterator", "collate_or_fail", "guard_iterator", "limited_length", "loader_length"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,3 +214,28 @@ def close_iterator(iterator: Any) -> None:
             thread.join(timeout=5.0)
     shutdown()
 
+
+
+def loader_length(loader: Iterable) -> float:
+    """``len(loader)``, or ``math.inf`` for a loader without a length."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return math.inf
+
+
+def limited_length(loader: Iterable, limit: int | float | None, name: str) -> float:
+    """The batches to take from ``loader`` under ``limit`` (the Trainer's ``limit_*_batches``
+    argument ``name``): all for None, at most ``limit`` for an int, a fraction (at least one
+    batch unless 0.0) for a float; a fraction other than 0.0/1.0 of a loader without a length
+    raises ``ValueError``."""
+    length = loader_length(loader)
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        if math.isinf(length):
+            if limit in (0.0, 1.0):
+                return 0 if limit == 0.0 else length
+            raise ValueError(f"{name}={limit} is a fraction but the loader has no length; use an int number of batches")
+        return max(1, int(length * limit)) if limit > 0 else 0
+    return min(length, limit)

@@ -14,33 +14,20 @@ letting Paddle's reader thread die with it (which hangs ``next()``; see ``qtrain
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import paddle
-from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
+from paddle.io import BatchSampler, DataLoader
 
+from qtrainer._checks import check_positive_int
 from qtrainer.data.folder import ImageFolder
 from qtrainer.data.iteration import FailedSample, collate_or_fail, guard_iterator
+from qtrainer.data.sharding import sharded_batch_sampler
 from qtrainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
 
-__all__ = ["ShardSampler", "make_loaders"]
+__all__ = ["make_loaders"]
 
 logger = logging.getLogger(__name__)
-
-
-class ShardSampler(Sampler):
-    """Indices ``rank, rank + world_size, ...`` of a dataset, in order, without padding."""
-
-    def __init__(self, dataset, rank: int, world_size: int) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank!r}: use 0 <= rank < world_size={world_size}")
-        self.num_samples, self.rank, self.world_size = len(dataset), rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
 
 
 class _LoaderImageFolder(ImageFolder):
@@ -62,11 +49,6 @@ class _Loader(DataLoader):
 
     def __iter__(self):
         return guard_iterator(super().__iter__())
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: use a positive int")
 
 
 def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers: int = 0,
@@ -95,9 +77,9 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
             ``"error"``, iterating a loader raises ``UnreadableImageError`` at the batch holding the
             first unreadable image, for any ``workers``.
     """
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     val_batch_size = batch_size if val_batch_size is None else val_batch_size
-    _positive_int("val_batch_size", val_batch_size)
+    check_positive_int("val_batch_size", val_batch_size)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers={workers!r}: use an int >= 0 (0 loads in the main process)")
     world_size = paddle.distributed.get_world_size()
@@ -117,10 +99,10 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
             "lower batch_size")
 
     if distributed:
-        train_sampler = DistributedBatchSampler(train_set, batch_size, num_replicas=world_size, rank=rank,
-                                                shuffle=True, drop_last=True)
-        val_sampler = BatchSampler(sampler=ShardSampler(val_set, rank, world_size),
-                                   batch_size=val_batch_size, drop_last=False)
+        train_sampler = sharded_batch_sampler(train_set, "train", batch_size, rank, world_size,
+                                              shuffle=True, drop_last=True)
+        val_sampler = sharded_batch_sampler(val_set, "validation", val_batch_size, rank, world_size,
+                                            shuffle=False, drop_last=False)
     else:
         train_sampler = BatchSampler(train_set, shuffle=True, batch_size=batch_size, drop_last=True)
         val_sampler = BatchSampler(val_set, shuffle=False, batch_size=val_batch_size, drop_last=False)

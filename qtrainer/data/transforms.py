@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from paddle.vision import transforms as T
 
+from qtrainer._checks import check_positive_int
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ToNormalizedArray", "train_transform", "val_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,8 +48,7 @@ class ToNormalizedArray:
 
 
 def _check_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size={image_size!r}: use a positive int (e.g. 224 for ImageNet, 32 for Fashion-MNIST)")
+    check_positive_int("image_size", image_size, hint=" (e.g. 224 for ImageNet, 32 for Fashion-MNIST)")
 
 
 def train_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,

@@ -1,12 +1,12 @@
-"""Where a logger writes: ``<save_dir>/<name>/version_<N>``, checked early, written atomically."""
+"""Where a logger writes: ``<save_dir>/<name>/version_<N>``, checked early, written atomically (``qtrainer._io``)."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import uuid
 from typing import Any, Mapping
 
+from qtrainer._io import atomic_write_text
 from qtrainer.paths import nearest_existing_ancestor
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
@@ -71,27 +71,6 @@ def make_dirs(path: str, owner: str) -> None:
         raise OSError(exc.errno, f"{owner} cannot create its log directory {path!r}: {exc.strerror}") from exc
 
 
-def atomic_write_text(path: str, text: str, owner: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + fsync + rename (never half-written)."""
-    directory = os.path.dirname(path) or "."
-    make_dirs(directory, owner)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    except OSError as exc:
-        raise OSError(exc.errno, f"{owner} cannot write {path!r}: {exc.strerror}") from exc
-
-
 def write_hparams_json(path: str, params: Mapping[str, Any], owner: str) -> None:
     """Save hyperparameters as JSON (values JSON cannot hold are written with ``str``)."""
     atomic_write_text(path, json.dumps(dict(params), indent=2, sort_keys=True, default=str) + "\n", owner)
@@ -111,6 +90,15 @@ class VersionedLogDir:
     _save_dir: str
     _name: str
     _version: int | str | None
+
+    def _init_log_dir(self, save_dir: str | os.PathLike, name: str | None, version: int | str | None) -> None:
+        """Check and keep ``save_dir``, ``name`` and ``version`` (errors name the logger class)."""
+        owner = type(self).__name__
+        self._save_dir = check_save_dir(save_dir, owner)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{owner}(name={name!r}): name must be a str")
+        self._name = name or ""
+        self._version = check_version(version, owner)
 
     @property
     def name(self) -> str:

@@ -6,6 +6,7 @@ import io
 import os
 from typing import Any, Mapping
 
+from qtrainer._io import atomic_write_text
 from qtrainer.loggers import _log_dir
 from qtrainer.loggers.base import Logger
 
@@ -30,12 +31,7 @@ class CSVLogger(_log_dir.VersionedLogDir, Logger):
     METRICS_FILE = "metrics.csv"
 
     def __init__(self, save_dir: str | os.PathLike, name: str = "csv_logs", version: int | str | None = None) -> None:
-        owner = type(self).__name__
-        self._save_dir = _log_dir.check_save_dir(save_dir, owner)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"{owner}(name={name!r}): name must be a str")
-        self._name = name or ""
-        self._version = _log_dir.check_version(version, owner)
+        self._init_log_dir(save_dir, name, version)
         self._columns: list[str] | None = None  # read from disk on the first write
 
     # -- where: name, save_dir, root_dir, version and log_dir come from VersionedLogDir ----
@@ -89,4 +85,4 @@ class CSVLogger(_log_dir.VersionedLogDir, Logger):
         writer = csv.DictWriter(buffer, fieldnames=self._columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        _log_dir.atomic_write_text(path, buffer.getvalue(), type(self).__name__)
+        atomic_write_text(path, buffer.getvalue(), type(self).__name__)

@@ -48,12 +48,7 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         default_hp_metric: bool = True,
         **writer_kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self._save_dir = _log_dir.check_save_dir(save_dir, owner)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"{owner}(name={name!r}): name must be a str")
-        self._name = name or ""
-        self._version = _log_dir.check_version(version, owner)
+        self._init_log_dir(save_dir, name, version)
         self._default_hp_metric = default_hp_metric
         self._writer_kwargs = writer_kwargs
         self._writer = None

@@ -65,6 +65,14 @@ class Observer(nn.Layer):
         """True once at least one tensor was observed (a scale exists)."""
         raise NotImplementedError
 
+    def require_observed(self) -> None:
+        """Raise ``RuntimeError`` unless a tensor was observed (for ``scale()`` of calibrators)."""
+        if not self.has_observed():
+            raise RuntimeError(
+                f"{type(self).__name__}.scale() was called before any tensor was observed: "
+                f"run at least one calibration batch through the model first"
+            )
+
     def extra_repr(self) -> str:
         return f"quant_bits={self.quant_bits}, axis={self.axis}"
 
@@ -74,7 +82,20 @@ class Quanter(nn.Layer):
 
     ``quant_bits`` and ``axis`` (``None`` = per tensor) describe the integer format; ``scale()``
     returns the threshold used in the last forward (what the export writes).
+
+    The protocol that PTQ, the export and the rank sync use instead of a quanter's internals:
+
+    * ``observing`` / ``quantizing`` -- whether a forward updates the scale / fake-quantizes;
+    * ``enable_observer(on)`` / ``enable_quant(on)`` -- switch them;
+    * ``is_ready()`` -- a scale exists (something was observed, or the scale is a parameter);
+    * ``follows_input`` -- the scale is recomputed from each input (a weight quanter's abs max), so
+      it holds no state of its own that ranks would have to agree on;
+    * ``observe(x)`` -- update the scale from ``x`` if observing, without quantizing;
+    * ``freeze()`` -- stop observing and quantize with the current scale.
+    The defaults describe a quanter whose scale is fixed (or learned), like PACT's.
     """
+
+    follows_input = False
 
     def __init__(self, quant_bits: int = 8, axis: int | None = None) -> None:
         super().__init__()
@@ -83,6 +104,30 @@ class Quanter(nn.Layer):
 
     def scale(self) -> paddle.Tensor:
         raise NotImplementedError
+
+    @property
+    def observing(self) -> bool:
+        return False
+
+    @property
+    def quantizing(self) -> bool:
+        return True
+
+    def enable_observer(self, enabled: bool = True) -> "Quanter":
+        return self
+
+    def enable_quant(self, enabled: bool = True) -> "Quanter":
+        return self
+
+    def is_ready(self) -> bool:
+        return True
+
+    def observe(self, x: paddle.Tensor) -> None:
+        """Update the scale from ``x`` (no-op unless observing)."""
+
+    def freeze(self) -> "Quanter":
+        self.enable_observer(False)
+        return self.enable_quant(True)
 
     def extra_repr(self) -> str:
         return f"quant_bits={self.quant_bits}, axis={self.axis}"

@@ -38,7 +38,7 @@ Extras (not in the seed):
   (``'*.fc'``, ``'features.0*'``); a string starting with ``'re:'`` or a compiled ``re.Pattern``
   is a regular expression that must match the whole name (``'re:head\\.(fc|proj)'``). Independently,
   a layer (or any layer above it) with the attribute ``skip_quant = True`` is skipped.
-* PACT settings (see ``qtrainer.quant.pact``): ``pact_init`` (``None`` = start ``alpha`` from the
+* PACT settings (see ``qtrainer.quant.quanters.pact``): ``pact_init`` (``None`` = start ``alpha`` from the
   data's moving-average abs max; or a positive float), ``pact_warmup_steps`` (``100``: how many
   training forwards ``alpha`` follows the data when ``pact_init`` is ``None``), ``pact_lr_mult``
   (``1.0``: learning-rate multiplier of ``alpha``), ``pact_decay`` (``None`` = the optimizer's weight

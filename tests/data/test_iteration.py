@@ -163,3 +163,45 @@ def _child(case: str, workers: int, root: str) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+
+
+def test_stopping_a_partly_read_loader_is_quick_and_stops_its_thread():
+    from helpers import make_loader
+    from qtrainer.data.iteration import close_iterator
+
+    iterator = iter(make_loader(n=160, batch_size=8))
+    next(iterator), next(iterator)
+    thread = iterator._thread
+    start = time.perf_counter()
+    close_iterator(iterator)
+    elapsed = time.perf_counter() - start
+    assert not thread.is_alive()
+    assert elapsed < 0.9, f"closing took {elapsed:.2f} s (Paddle's own shutdown sleeps 1 s)"
+
+
+def test_loader_length_is_inf_for_a_loader_without_len():
+    import math
+
+    from qtrainer.data.iteration import loader_length
+
+    assert loader_length([1, 2, 3]) == 3
+    assert math.isinf(loader_length(iter([1, 2, 3])))
+
+
+@pytest.mark.parametrize("limit, expected", [(None, 10), (3, 3), (30, 10), (0.25, 2), (0.01, 1), (0.0, 0), (1.0, 10)])
+def test_limited_length_of_a_sized_loader(limit, expected):
+    from qtrainer.data.iteration import limited_length
+
+    assert limited_length(list(range(10)), limit, "limit_train_batches") == expected
+
+
+def test_limited_length_of_a_loader_without_len():
+    import math
+
+    from qtrainer.data.iteration import limited_length
+
+    assert limited_length(iter([]), 4, "limit_val_batches") == 4
+    assert math.isinf(limited_length(iter([]), 1.0, "limit_val_batches"))
+    assert limited_length(iter([]), 0.0, "limit_val_batches") == 0
+    with pytest.raises(ValueError, match=r"limit_val_batches=0.5 is a fraction but the loader has no length"):
+        limited_length(iter([]), 0.5, "limit_val_batches")

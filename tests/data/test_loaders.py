@@ -5,7 +5,7 @@ from paddle.io import BatchSampler, DistributedBatchSampler
 
 from image_folders import class_value, write_folder
 from qtrainer.data import make_loaders
-from qtrainer.data.loaders import ShardSampler
+from qtrainer.data.sharding import ShardSampler
 
 
 @pytest.fixture

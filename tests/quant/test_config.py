@@ -101,7 +101,7 @@ def test_deployable_bits_are_at_most_eight():
 
 
 def test_an_exporting_qat_callback_refuses_more_than_eight_bits_before_training():
-    from qtrainer.quant.qat_callback import QATCallback
+    from qtrainer.callbacks.qat import QATCallback
 
     with pytest.raises(ValueError, match=r"weight_bits=16 in QATCallback config"):
         QATCallback({"weight_bits": 16})

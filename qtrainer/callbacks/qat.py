@@ -1,0 +1,161 @@
+"""``QATCallback``: quantization-aware training inside ``Trainer.fit``."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from qtrainer.callbacks._quant_export import QuantExportCallback
+from qtrainer.quant.config import QuantConfig
+from qtrainer.quant.diagnostics.log_stats import log_quant_stats
+from qtrainer.quant.diagnostics.stats import record_activation_clipping
+from qtrainer.quant.diagnostics.sync import SYNC_MODES, QuantStateSync, scale_spread_metrics
+from qtrainer.quant.export.orchestration import export_quantized_model
+from qtrainer.quant.export.samples import input_spec_for, spread_inputs
+from qtrainer.quant.transforms.wrap import iter_quanted_layers, quantize_model
+
+__all__ = ["QATCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class QATCallback(QuantExportCallback):
+    """Quantize the module for training, log its scales, and export a deployable int8 model.
+
+    When it acts:
+
+    * ``configure_model`` (before the optimizer exists and before a checkpoint is restored):
+      wraps every quantizable layer with fake quanters (``qtrainer.quant.transforms.wrap``), so new
+      parameters such as PACT's α are trained and the quantization state (scales, moving-average
+      accumulators, α) travels in every checkpoint with the weights — a resumed run continues
+      exactly. A module that is already quantized (a second ``fit``) is left as it is.
+    * after every training batch of a data-parallel run (``trainer.world_size > 1``): makes the
+      quantization state identical on every rank (``qtrainer.quant.diagnostics.sync.QuantStateSync``:
+      moving-average scales and their accumulators, abs-max scales, PACT α), so every rank
+      trains against the same quantizers and the export holds what all ranks saw; the spread of
+      each scale across ranks before that is logged as ``quant/scale_spread/<layer>...``.
+      Every quantized parameter takes part in every step (PACT's α during its warm-up with a zero
+      gradient), so the Trainer's DataParallel needs no ``find_unused_parameters``.
+    * every ``trainer.log_every_n_steps`` optimizer steps and at each epoch end: logs per-layer
+      statistics under ``quant/<layer>/...`` (activation scale, PACT α, fraction of values
+      clipped, weight SQNR, weight-scale histograms) to the trainer's loggers.
+    * ``on_fit_start`` (after a checkpoint is restored, before any training): checks the export
+      target. Absent: fine. Written by this same run (the ``run_id`` kept in the callback's
+      checkpoint state matches the one in ``model.quant.json``: a run killed after its export and
+      resumed): replaced at the end. Anything else: ``FileExistsError`` now, naming the path and
+      the ways out (``export_kwargs={'overwrite': True}``, another ``export_dir``, a versioned
+      logger directory), rather than after the training.
+    * ``on_fit_end`` of a successful fit (rank 0): exports to ``export_dir`` (default
+      ``<log_dir>/export/model``) with ``qtrainer.quant.export_quantized_model``, checked
+      against the dygraph model on ``check_batches`` batches of the validation (else training)
+      loader; the report is kept in ``export_report``. The JSON records the run's ``run_id``.
+
+    Args:
+        config: the ``QAT`` config dict (or ``QuantConfig``); None = PaddleSlim's defaults.
+        weight_preprocess, act_preprocess, weight_quantize, act_quantize: user classes, as in ``QAT``.
+        export_dir: where to export; ``False`` disables the export.
+        input_spec: the export's ``InputSpec`` list (default: from a sample batch).
+        check_batches: batches used by the export's self-check.
+        log_stats: log the scale statistics.
+        export_kwargs: more arguments for ``export_quantized_model``.
+        sync: how ranks combine scales in a data-parallel run: ``"auto"`` (max for abs-max
+            scales, mean for moving averages and PACT α), ``"mean"``, ``"max"`` (a moving average
+            then equals the one-process run on the global batch), or None to leave each rank
+            its own state (not recommended; for comparison).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | QuantConfig | None = None,
+        *,
+        weight_preprocess: type | None = None,
+        act_preprocess: type | None = None,
+        weight_quantize: type | None = None,
+        act_quantize: type | None = None,
+        export_dir: str | bool | None = None,
+        input_spec: list | None = None,
+        check_batches: int = 4,
+        log_stats: bool = True,
+        export_kwargs: dict[str, Any] | None = None,
+        sync: str | None = "auto",
+    ) -> None:
+        if sync is not None and sync not in SYNC_MODES:
+            raise ValueError(f"QATCallback(sync={sync!r}): use one of {', '.join(map(repr, SYNC_MODES))} or None")
+        self.config = QuantConfig.from_dict(config)
+        if export_dir is not False:  # refuse now what the export at the end could not deploy
+            self.config.require_deployable_bits("QATCallback config")
+        self.user_classes = dict(weight_preprocess=weight_preprocess, act_preprocess=act_preprocess,
+                                 weight_quantize=weight_quantize, act_quantize=act_quantize)
+        self.export_dir = export_dir
+        self.input_spec = input_spec
+        self.check_batches = check_batches
+        self.log_stats = log_stats
+        self.export_kwargs = dict(export_kwargs or {})
+        self.export_report = None
+        self.quantized_layers: list[str] = []
+        self.sync = sync
+        self._sync: QuantStateSync | None = None
+        self.run_id: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(config=self.config.to_dict())
+
+    # -- quantize ---------------------------------------------------------------------------
+    def configure_model(self, trainer, module) -> None:
+        existing = [name for name, _ in iter_quanted_layers(module)]
+        if existing:
+            self.quantized_layers = existing
+            log.info("module already quantized (%d layers); QATCallback leaves it as it is", len(existing))
+        else:
+            quanted = quantize_model(module, self.config, **self.user_classes)
+            self.quantized_layers = [name for name, _ in quanted]
+            log.info("QAT: quantized %d layers", len(self.quantized_layers))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "quantized_layers": list(self.quantized_layers),
+                "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config") != self.config.to_dict():
+            log.warning("QATCallback: the checkpoint was trained with config %s, this run uses %s",
+                        state.get("config"), self.config.to_dict())
+        super().load_state_dict(state)
+
+    # -- statistics ---------------------------------------------------------------------------
+    def _logging_step_next(self, trainer) -> bool:
+        return self.log_stats and bool(trainer.loggers) and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._logging_step_next(trainer):
+            record_activation_clipping(module, True)
+
+    def on_train_start(self, trainer, module) -> None:
+        self._sync = None
+        if self.sync is not None and trainer.world_size > 1:
+            self._sync = QuantStateSync(module, trainer.strategy.all_gather, mode=self.sync)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        log_now = self.log_stats and trainer.loggers and trainer.global_step % trainer.log_every_n_steps == 0
+        if self._sync is not None:
+            spreads = self._sync()
+            if log_now:
+                trainer.log_metrics(scale_spread_metrics(spreads))
+        if log_now:
+            log_quant_stats(trainer, module)
+        record_activation_clipping(module, False)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self.log_stats and trainer.loggers:
+            log_quant_stats(trainer, module)
+
+    # -- export -------------------------------------------------------------------------------
+    def on_fit_end(self, trainer, module) -> None:
+        if trainer.failed or self.export_dir is False or not trainer.is_global_zero:
+            return
+        samples = spread_inputs(self.sample_loader(trainer), self.check_batches)  # across the loader
+        input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
+        path = self.export_prefix(trainer)
+        kwargs = {"run_id": self.run_id, **self.export_kwargs}
+        self.export_report = export_quantized_model(module, path, input_spec=input_spec,
+                                                    sample_inputs=samples or None, **kwargs)
+        log.info("QAT export written to %s", path)

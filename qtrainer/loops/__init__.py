@@ -1,0 +1,1 @@
+"""The Trainer's loops: ``fit`` (training, with validation inside) and ``evaluation`` (validation, test, predict)."""

@@ -1,0 +1,445 @@
+"""Export a quantized model (QAT or PTQ) to a Paddle Inference model that runs int8 on CPU.
+
+``export_quantized_model(model, path, input_spec, sample_inputs)`` writes ``path.pdmodel`` +
+``path.pdiparams`` (a legacy Paddle inference model that ``qtrainer.quant.export.inference``
+runs with oneDNN int8 kernels) and ``path.quant.json`` (per layer: bits, scales, how it was
+exported and why; the self-check; the int8 op counts), and returns the same as an
+``ExportReport``. The user's model is not touched (the export works on a deep copy in eval mode).
+
+The steps: check the options and the target (``files``), take the samples and the spec
+(``samples``), plan every layer (``plan``), then build, trace and check attempts (``_Exporter``:
+``layers`` + ``program`` traced by ``paddle.jit.save``, run by ``inference``, judged by
+``selfcheck``) until the deployed model agrees with the simulation, and publish the chosen one
+(``files``). The format, the self-check and the measurements behind each rule:
+``docs/export-format.md``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from qtrainer.quant.export.files import check_export_target, make_export_staging, publish_export, remove_empty
+from qtrainer.quant.export.inference import load_int8_predictor, read_program_ops, run_predictor
+from qtrainer.quant.export.layers import FAKE_QUANT_TYPES, INT8_TYPES, Int8Conv2D
+from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, plan_layers, working_copy
+from qtrainer.quant.export.program import residual_conv_weights
+from qtrainer.quant.export.report import ExportCheckError, ExportReport, LayerExport
+from qtrainer.quant.export.samples import check_batches_match, dry_run, normalise_spec, spec_dict
+from qtrainer.quant.export.selfcheck import CheckResult, compare_samples, find_culprits, judge, sample_batches
+from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
+
+__all__ = ["export_quantized_model", "ExportOptions", "CheckOptions"]
+
+logger = logging.getLogger(__name__)
+
+_ON_FAILURE = ("raise", "write")
+_CLIP_CHOICES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How the deployed model is judged against the simulation (see ``export_quantized_model``)."""
+
+    check: bool = True
+    min_agreement: float = 0.995
+    max_rel_l2: float = 0.05
+    fallback: bool = True
+    search_time_limit: float = 300.0
+    on_failure: str = "raise"
+    strict_int8: bool = False
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_agreement, (int, float)) and 0.0 <= self.min_agreement <= 1.0):
+            raise ValueError(f"min_agreement={self.min_agreement!r} must be a number in [0, 1]")
+        if not (isinstance(self.max_rel_l2, (int, float)) and self.max_rel_l2 >= 0.0):
+            raise ValueError(f"max_rel_l2={self.max_rel_l2!r} must be a number >= 0")
+        if self.on_failure not in _ON_FAILURE:
+            raise ValueError(f"on_failure={self.on_failure!r} is not valid: use one of {_ON_FAILURE}")
+        if not (isinstance(self.search_time_limit, (int, float)) and self.search_time_limit >= 0):
+            raise ValueError(f"search_time_limit={self.search_time_limit!r} must be a number of seconds >= 0")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything ``export_quantized_model`` takes besides the model and its inputs, grouped."""
+
+    check: CheckOptions = field(default_factory=CheckOptions)
+    overwrite: bool = False
+    run_id: str | None = None
+    keep_float: Sequence[str] = ()
+    fake_quant_layers: Sequence[str] = ()
+    clip_activations: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip_activations, bool) or self.clip_activations == "auto"):
+            raise ValueError(f"clip_activations={self.clip_activations!r} is not valid: use one of {_CLIP_CHOICES}")
+        for argument in ("keep_float", "fake_quant_layers"):
+            patterns = getattr(self, argument)
+            if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)) or not all(
+                isinstance(p, str) for p in patterns
+            ):
+                raise TypeError(f"{argument}={patterns!r} must be a list of layer names or fnmatch patterns")
+
+
+def export_quantized_model(
+    model: nn.Layer,
+    path: str,
+    input_spec: Sequence[Any] | None = None,
+    sample_inputs: Any = None,
+    check: bool = True,
+    min_agreement: float = 0.995,
+    max_rel_l2: float = 0.05,
+    fallback: bool = True,
+    search_time_limit: float = 300.0,
+    on_failure: str = "raise",
+    overwrite: bool = False,
+    run_id: str | None = None,
+    keep_float: Sequence[str] = (),
+    fake_quant_layers: Sequence[str] = (),
+    clip_activations: bool | str = "auto",
+    strict_int8: bool = False,
+    num_threads: int = 1,
+) -> ExportReport:
+    """Export a quantized ``model`` for Paddle Inference int8 on CPU and check it; see the module docstring.
+
+    Args:
+        model: a model with quantized layers (``QAT.quantize`` / PTQ); it is not modified.
+        path: file prefix (``path.pdmodel``, ``path.pdiparams``, ``path.quant.json``).
+        input_spec: ``paddle.static.InputSpec`` list (default: from the first sample batch with a
+            free batch dimension).
+        sample_inputs: batches for the self-check and for deciding which layer inputs are
+            unsigned: a numpy array / Tensor, a list of them, or a loader (first element of each
+            batch, up to 8 batches). Default: random normal data shaped by ``input_spec`` (all
+            first-layer inputs then look signed; real batches are much better).
+        check: run the self-check.
+        min_agreement, max_rel_l2: the self-check's thresholds (top-1 agreement of the first
+            output and relative L2 error of all outputs, deployed vs dygraph).
+        fallback: when the check fails, find the responsible layers and keep them in float.
+        search_time_limit: seconds the fallback search may take.
+        on_failure: ``'raise'`` (raise ``ExportCheckError``, write nothing) or ``'write'`` (write
+            the model and a report saying the check failed).
+        overwrite: replace an existing export at ``path``.
+        run_id: an identifier of the run writing the export, recorded in the JSON; an existing
+            export recorded with the same ``run_id`` (this run's own, e.g. before a resume) is
+            replaced without ``overwrite`` (see ``check_export_target``).
+        keep_float: names or ``fnmatch`` patterns of quantized layers to export as their float
+            layer (not quantized at all).
+        fake_quant_layers: names or patterns of layers to export as ``'fake-quant'`` from the
+            start (float kernels computing the simulated values), e.g. a first convolution on a
+            signed input on a CPU without VNNI.
+        clip_activations: add an explicit clip to ``[-T, T]`` before the quantization:
+            ``'auto'`` (layers with fewer than 8 activation bits), ``True`` (every int8 layer;
+            exact clipping, one more op each) or ``False``.
+        strict_int8: fail the check when Paddle runs fewer int8 ops than layers exported as int8
+            (default: a note in the report and a warning).
+        num_threads: CPU threads of the checking predictor.
+
+    Returns:
+        an ``ExportReport`` (also written as ``path.quant.json``).
+    """
+    options = ExportOptions(
+        check=CheckOptions(check=check, min_agreement=min_agreement, max_rel_l2=max_rel_l2, fallback=fallback,
+                           search_time_limit=search_time_limit, on_failure=on_failure, strict_int8=strict_int8,
+                           num_threads=num_threads),
+        overwrite=overwrite, run_id=run_id, keep_float=keep_float, fake_quant_layers=fake_quant_layers,
+        clip_activations=clip_activations,
+    )
+    return _export(model, path, input_spec, sample_inputs, options)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Layer):
+        raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+    if isinstance(model, QuantedLayer):
+        raise ValueError(
+            "export_quantized_model needs the model that contains the quantized layers, not a bare "
+            f"{type(model).__name__}; wrap it, e.g. paddle.nn.Sequential(layer)"
+        )
+    if next(iter_quanted_layers(model), None) is None:
+        raise ValueError(
+            f"export_quantized_model: {type(model).__name__} has no quantized layer; quantize it "
+            "first (QAT(...).quantize(model), or PTQ) -- a float model exports with paddle.jit.save"
+        )
+
+
+def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample_inputs: Any,
+            options: ExportOptions) -> ExportReport:
+    started = time.monotonic()
+    _check_model(model)
+    checking = options.check
+    prefix = check_export_target(path, options.overwrite, options.run_id)
+    staging, created_dirs = make_export_staging(prefix)
+    published = False
+    try:
+        context = _prepare(model, input_spec, sample_inputs, options, staging)
+        exporter = _Exporter(context)
+        plans = context.plans
+        candidates = [n for n in exporter.order if plans[n].export == "int8"]
+        if not candidates:
+            raise ValueError(
+                "export_quantized_model: no layer can be exported as int8: "
+                + "; ".join(f"{n}: {p.reason}" for n, p in plans.items())
+            )
+        forced = frozenset(n for n in candidates if matches(n, options.fake_quant_layers))
+        floated, clipped = forced, frozenset()
+        if checking.check:
+            first = exporter.attempt(floated)
+            if not first.result.numerics_ok and checking.fallback:
+                deadline = time.monotonic() + checking.search_time_limit
+                floated, passed = find_culprits(
+                    [n for n in candidates if n not in forced],
+                    exporter.fails,
+                    base=forced,
+                    first_guess=[n for n in candidates if plans[n].act_signed],
+                    deadline=deadline,
+                )
+                if passed:
+                    floated, clipped = _int8_with_clip(exporter, plans, floated, forced, deadline)
+        final = exporter.attempt(floated, clipped, run_check=checking.check)
+        mark_fallback(plans, final.floated, final.clipped, forced)
+        report = ExportReport(
+            path=prefix,
+            files={},
+            layers=[plans[n] for n in exporter.order_all()],
+            input_spec=[spec_dict(s) for s in context.spec],
+            check=final.result,
+            sample_source=context.source if checking.check else None,
+            attempts=[a.to_dict() for a in exporter.attempts],
+            run_id=options.run_id,
+        )
+        _log_check(report, prefix, checking.on_failure)
+        publish_export(final.directory, prefix, report)
+        report.written = published = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            remove_empty(created_dirs)
+    logger.info("%s (%.1f s)", report.summary(), time.monotonic() - started)
+    return report
+
+
+def _log_check(report: ExportReport, prefix: str, on_failure: str) -> None:
+    """Warn about the check's notes and caveats; raise ``ExportCheckError`` when it failed (``'raise'``)."""
+    check = report.check
+    if check is None:
+        return
+    if check.notes:
+        logger.warning("export %s: %s", prefix, "; ".join(check.notes))
+    if check.caveats:
+        logger.warning(
+            "export %s: the self-check is weak here: %s -- check the deployed model on real "
+            "data (qtrainer.quant.export.inference)", prefix, "; ".join(check.caveats)
+        )
+    if not check.passed:
+        message = (
+            f"export self-check failed for {prefix}: {check.summary()}; kept float: "
+            f"{sorted(report.kept_float) or 'none'}"
+        )
+        if on_failure == "raise":
+            raise ExportCheckError(message + " (nothing written; on_failure='write' writes it anyway)", report)
+        logger.error("%s (written anyway: on_failure='write')", message)
+
+
+@dataclass
+class _Context:
+    """What every attempt of one export shares: the working copy, its plan, the samples, the options."""
+
+    work: nn.Layer
+    plans: dict[str, LayerExport]
+    weights: dict[str, np.ndarray]
+    spec: list
+    batches: list
+    source: str
+    reference: list[np.ndarray]
+    order: list[str]
+    staging: str
+    check: CheckOptions
+    caveats: list[str]
+
+
+def _prepare(model: nn.Layer, input_spec, sample_inputs, options: ExportOptions, staging: str) -> _Context:
+    """The working copy, the samples and spec, and every layer's plan (nothing traced yet)."""
+    work = working_copy(model)
+    quanted = dict(iter_quanted_layers(work))
+    if input_spec is not None:
+        input_spec = normalise_spec(input_spec, None)
+    # the samples also decide which layer inputs are unsigned, so they are needed without check
+    batches, source = sample_batches(sample_inputs, input_spec)
+    spec = normalise_spec(input_spec, batches)
+    check_batches_match(batches, spec)
+    dry_run(work, spec)
+    observed, reference = observe_layers(work, quanted, batches)
+    plans, weights = plan_layers(quanted, observed, options.keep_float, options.clip_activations)
+    return _Context(work=work, plans=plans, weights=weights, spec=spec, batches=batches, source=source,
+                    reference=reference, order=[n for n in observed.order if n in plans], staging=staging,
+                    check=options.check, caveats=_check_caveats(source, plans))
+
+
+def _check_caveats(source: str, plans: dict[str, LayerExport]) -> list[str]:
+    """Why the self-check proves less than usual, known before it runs."""
+    caveats = []
+    if source == "random":
+        caveats.append("random inputs (no sample_inputs), not the data the model was trained or calibrated on")
+    zeros = [n for n, p in plans.items() if p.reason and "only saw zeros" in p.reason]
+    if zeros:
+        caveats.append(
+            f"{len(zeros)} layer(s) saw only zeros (scales never observed, e.g. an untrained or "
+            f"uncalibrated network) and stay float: {', '.join(zeros[:3])}{', ...' if len(zeros) > 3 else ''}"
+        )
+    return caveats
+
+
+def _tie_caveat(comparison) -> list[str]:
+    """A caveat when most samples have near-tied top-1 scores (so top-1 agreement says little)."""
+    if comparison.zero_reference:
+        return ["the model's outputs are all (nearly) zero on these samples (activations vanish, e.g. an "
+                "untrained network): there is nothing to compare"]
+    if comparison.top1_agreement_all is None or 2 * comparison.judged_samples >= comparison.samples:
+        return []
+    return [
+        f"{comparison.samples - comparison.judged_samples} of {comparison.samples} samples have "
+        "near-tied top-1 scores (within the tolerated error); judged by relative L2 error only"
+    ]
+
+
+def _int8_with_clip(exporter: "_Exporter", plans, floated: frozenset, forced: frozenset,
+                    deadline: float) -> tuple[frozenset, frozenset]:
+    """Try the unsigned fallback layers back in int8 with an explicit clip to ``[0, T]``.
+
+    Such a layer often disagreed only because the deployment keeps values above ``T`` (a KL or
+    PACT threshold that clips on purpose) that the simulation clips; the clip restores int8 speed
+    for it at the cost of one elementwise op.
+    """
+    clipped: frozenset = frozenset()
+    for name in [n for n in exporter.order if n in floated - forced and not plans[n].act_signed]:
+        if time.monotonic() > deadline:
+            break
+        trial_floated, trial_clipped = floated - {name}, clipped | {name}
+        if not exporter.fails(trial_floated, trial_clipped):
+            floated, clipped = trial_floated, trial_clipped
+    return floated, clipped
+
+
+@dataclass
+class _Attempt:
+    floated: frozenset  # layers exported with the fake-quant fallback
+    clipped: frozenset  # int8 layers given an explicit clip by the self-check
+    directory: str
+    result: CheckResult | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fallback_layers": sorted(self.floated),
+            "clipped_layers": sorted(self.clipped),
+            "check": None if self.result is None else self.result.to_dict(),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+class _Exporter:
+    """Builds, saves and checks the export with a given set of layers kept in float (cached)."""
+
+    def __init__(self, context: _Context) -> None:
+        self.context = context
+        self.plans = context.plans
+        self.order = context.order
+        self.attempts: list[_Attempt] = []
+        self._cache: dict[tuple[frozenset, frozenset], _Attempt] = {}
+        self.residual_convs: set[str] | None = None  # found in the first traced program
+
+    def order_all(self) -> list[str]:
+        return self.order + [n for n in self.plans if n not in self.order]
+
+    def build(self, floated: frozenset, clipped: frozenset = frozenset()) -> nn.Layer:
+        """A copy of the model with int8 export layers (fake-quant ones for ``floated``)."""
+        model = copy.deepcopy(self.context.work)
+        copies = dict(iter_quanted_layers(model))
+        swap: dict[int, nn.Layer] = {}
+        for name, layer in copies.items():
+            plan = self.plans[name]
+            if plan.export == "float":
+                swap[id(layer)] = layer.layer
+            elif name in floated:
+                swap[id(layer)] = FAKE_QUANT_TYPES[layer.layer_type](layer, plan)
+            else:
+                swap[id(layer)] = INT8_TYPES[layer.layer_type](
+                    layer, plan, self.context.weights[name], clip=plan.act_clip or name in clipped
+                )
+        for parent in [model, *model.sublayers()]:
+            for attr, child in list(parent._sub_layers.items()):
+                if child is not None and id(child) in swap:
+                    parent._sub_layers[attr] = swap[id(child)]
+        return model
+
+    def save(self, model: nn.Layer, directory: str) -> None:
+        """Trace and save ``model``; int8 convolutions that feed a residual add get an fp32 output."""
+        int8_convs = [layer for layer in model.sublayers() if isinstance(layer, Int8Conv2D)]
+        if self.residual_convs is None:
+            self._trace(model, directory)
+            ops = read_program_ops(os.path.join(directory, "model.pdmodel"))
+            weights = residual_conv_weights(ops)
+            self.residual_convs = {layer.export_name for layer in int8_convs if layer.weight_int8.name in weights}
+            for name in self.residual_convs:
+                self.plans[name].float_output = True
+            if not self.residual_convs:
+                return
+        for layer in int8_convs:
+            layer.float_output = layer.export_name in self.residual_convs
+        self._trace(model, directory)
+
+    def _trace(self, model: nn.Layer, directory: str) -> None:
+        prefix = os.path.join(directory, "model")
+        try:
+            with paddle.pir_utils.DygraphOldIrGuard():
+                paddle.jit.save(model, prefix, input_spec=list(self.context.spec))
+        finally:
+            if not paddle.in_dynamic_mode():  # never leave the caller in static mode
+                paddle.disable_static()
+
+    def attempt(
+        self, floated: frozenset, clipped: frozenset = frozenset(), run_check: bool = True
+    ) -> _Attempt:
+        key = (floated, clipped)
+        if key in self._cache:
+            return self._cache[key]
+        start = time.monotonic()
+        directory = os.path.join(self.context.staging, f"attempt-{len(self.attempts)}")
+        os.makedirs(directory)
+        model = self.build(floated, clipped)
+        self.save(model, directory)
+        result = None
+        if run_check:
+            result = self._check(directory, floated)
+            logger.info("export check, fake-quant %s, clipped %s: %s", sorted(floated) or "none",
+                        sorted(clipped) or "none", result.summary())
+        record = _Attempt(floated, clipped, directory, result, time.monotonic() - start)
+        self.attempts.append(record)
+        self._cache[key] = record
+        return record
+
+    def _check(self, directory: str, floated: frozenset) -> CheckResult:
+        """Run the saved attempt on the samples with an int8 predictor and judge it against the reference."""
+        context, options = self.context, self.context.check
+        predictor, counts = load_int8_predictor(os.path.join(directory, "model"), options.num_threads)
+        deployed = run_predictor(predictor, context.batches)
+        del predictor
+        expected = sum(p.calls for n, p in self.plans.items() if p.export == "int8" and n not in floated)
+        comparison = compare_samples(deployed, context.reference, margin_rel_l2=options.max_rel_l2)
+        return judge(comparison.samples, comparison.rel_l2, comparison.top1_agreement, counts,
+                     expected, options.min_agreement, options.max_rel_l2, options.strict_int8,
+                     comparison=comparison, caveats=context.caveats + _tie_caveat(comparison))
+
+    def fails(self, floated: frozenset, clipped: frozenset = frozenset()) -> bool:
+        """True while the deployed outputs miss the thresholds (``floated`` as fake-quant layers)."""
+        return not self.attempt(floated, clipped).result.numerics_ok

@@ -1,0 +1,168 @@
+"""QATCallback inside Trainer.fit: quantizes before the optimizer, trains PACT α, resumes exactly, logs scales."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+from qtrainer import ClassificationModule, Trainer
+from qtrainer.callbacks import ModelCheckpoint
+from qtrainer.checkpoint_io import CheckpointError
+from qtrainer.loggers import CSVLogger
+from qtrainer.quant import QATCallback, iter_quanted_layers
+
+from helpers import NoisyPoints, quiet_trainer_kwargs
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1, bias_attr=False), nn.BatchNorm2D(4), nn.ReLU(),
+                         nn.MaxPool2D(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+
+
+class Images(paddle.io.Dataset):
+    """NoisyPoints reshaped into 8x8 one-channel images (loading consumes NumPy's RNG)."""
+
+    def __init__(self, n=64):
+        self.points = NoisyPoints(n, features=64)
+
+    def __len__(self):
+        return len(self.points)
+
+    def __getitem__(self, i):
+        x, y = self.points[i]
+        return x.reshape(1, 8, 8), y
+
+
+def loaders():
+    return (paddle.io.DataLoader(Images(), batch_size=8, shuffle=True),
+            paddle.io.DataLoader(Images(32), batch_size=16, shuffle=False))
+
+
+def module():
+    paddle.seed(0)
+    return ClassificationModule(small_cnn(), lr=0.01)
+
+
+def test_quantizes_before_the_optimizer_so_pact_alpha_trains(tmp_path):
+    model = module()
+    callback = QATCallback({"activation_preprocess_type": "PACT", "pact_warmup_steps": 2}, export_dir=False)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, *loaders(), callbacks=[callback])
+    quanted = dict(iter_quanted_layers(model))
+    assert sorted(quanted) == ["net.0", "net.5"] and callback.quantized_layers == ["net.0", "net.5"]
+    alphas = [p for layer in quanted.values() for p in layer.act_preprocess.parameters()]
+    optimized = {id(p) for p in trainer.optimizers[0]._parameter_list}
+    assert alphas and all(id(a) in optimized for a in alphas)
+    # a second fit of the same (already quantized) module does not quantize again
+    trainer.fit(model, *loaders(), callbacks=[QATCallback({"activation_preprocess_type": "PACT"}, export_dir=False)])
+    assert sorted(dict(iter_quanted_layers(model))) == ["net.0", "net.5"]
+
+
+def test_pact_alpha_moves_during_training(tmp_path):
+    model = module()
+    QATCallback({"activation_preprocess_type": "PACT", "pact_warmup_steps": 0}).configure_model(None, model)
+    alphas = [float(l.act_preprocess.alpha.numpy()[0]) for _, l in iter_quanted_layers(model)]
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=3))
+    trainer.fit(model, *loaders(), callbacks=[QATCallback(export_dir=False)])
+    after = [float(l.act_preprocess.alpha.numpy()[0]) for _, l in iter_quanted_layers(model)]
+    assert any(abs(a - b) > 1e-6 for a, b in zip(alphas, after))
+
+
+def _fit(root, epochs, ckpt_path=None):
+    model = module()
+    trainer = Trainer(**quiet_trainer_kwargs(root, max_epochs=epochs, seed=3, enable_checkpointing=True,
+                                             callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)]))
+    trainer.fit(model, *loaders(), callbacks=[QATCallback({"activation_preprocess_type": "PACT", "pact_warmup_steps": 5},
+                                                          export_dir=False)], ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def test_resume_restores_quantization_state_exactly(tmp_path):
+    full, full_trainer = _fit(tmp_path / "full", 3)
+    _fit(tmp_path / "part", 1)
+    resumed, resumed_trainer = _fit(tmp_path / "part", 3, ckpt_path="last")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert set(a) == set(b) and any("act_quanter" in k or "act_preprocess" in k for k in a)
+    assert max(float(np.abs(a[k].numpy() - b[k].numpy()).max()) for k in a) <= 1e-6
+    assert [r.get("val_loss") for r in full_trainer.log_history] == [r.get("val_loss") for r in resumed_trainer.log_history]
+
+
+def test_resuming_a_qat_checkpoint_without_the_callback_names_the_problem(tmp_path):
+    _fit(tmp_path, 1)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2))
+    with pytest.raises(CheckpointError, match="unexpected keys.*without QAT"):
+        trainer.fit(module(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
+def test_scale_statistics_reach_the_logger(tmp_path):
+    logger = CSVLogger(str(tmp_path))
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=4))
+    trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=False)])
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    columns = set(rows[0])
+    assert {"quant/net.0/act_scale", "quant/net.0/weight_sqnr_db", "quant/net.5/act_clip_fraction"} <= columns
+    steps = [r["step"] for r in rows if r.get("quant/net.0/act_scale")]
+    assert steps == ["4", "8", "8"]  # every log_every_n_steps, and at the epoch end
+    scale = [float(r["quant/net.0/act_scale"]) for r in rows if r.get("quant/net.0/act_scale")]
+    assert all(s > 0 for s in scale)
+    clip = [r["quant/net.5/act_clip_fraction"] for r in rows if r.get("quant/net.5/act_clip_fraction")]
+    assert clip and all(0.0 <= float(c) <= 1.0 for c in clip)
+
+
+# -- the export target: this run's own export is replaced on resume, anything else is refused up front
+def _export_fit(root, epochs=2, ckpt_path=None, **callback_kwargs):
+    """A QAT fit with step checkpoints that exports (no self-check: the lifecycle is under test here)."""
+    model = module()
+    checkpoint = ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1, save_last=True)
+    callback_kwargs.setdefault("export_kwargs", {"check": False})
+    callback = QATCallback(export_dir=str(root / "export"), check_batches=1, **callback_kwargs)
+    trainer = Trainer(**quiet_trainer_kwargs(root, max_epochs=epochs, seed=3, enable_checkpointing=True,
+                                             callbacks=[checkpoint]))
+    trainer.fit(model, *loaders(), callbacks=[callback], ckpt_path=ckpt_path)
+    return callback, trainer
+
+
+def _report(root):
+    with open(root / "export" / "model.quant.json") as handle:
+        return json.load(handle)
+
+
+def test_a_run_killed_after_its_export_resumes_and_replaces_its_own_export(tmp_path):
+    first, full = _export_fit(tmp_path)  # ran to its export; "killed" right after it
+    steps = sorted((f for f in os.listdir(tmp_path / "ckpt") if f != "last.ckpt"),
+                   key=lambda f: os.path.getmtime(tmp_path / "ckpt" / f))
+    resumed, trainer = _export_fit(tmp_path, ckpt_path=str(tmp_path / "ckpt" / steps[0]))  # retrains, exports
+    assert trainer.global_step == full.global_step and resumed.export_report.written
+    assert resumed.run_id == first.run_id == _report(tmp_path)["run_id"]
+    assert _report(tmp_path)["state"] == "complete"
+
+
+def test_another_runs_export_is_refused_before_training(tmp_path):
+    """A QAT script run twice with logger=False: the second run stops at once, the first export stays."""
+    first, _ = _export_fit(tmp_path, epochs=1)
+    before = _report(tmp_path)
+    model = module()
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(FileExistsError, match=r"written by another run.*overwrite.*export_dir.*versioned"):
+        trainer.fit(model, *loaders(), callbacks=[QATCallback(export_dir=str(tmp_path / "export"))])
+    assert trainer.global_step == 0 and _report(tmp_path) == before
+
+
+def test_a_users_file_at_the_export_target_is_refused_before_training(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.pdmodel").write_bytes(b"my own model")
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(FileExistsError, match="not written by a qtrainer run"):
+        trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=str(tmp_path / "export"))])
+    assert trainer.global_step == 0 and (tmp_path / "export" / "model.pdmodel").read_bytes() == b"my own model"
+
+
+def test_overwrite_replaces_another_runs_export(tmp_path):
+    first, _ = _export_fit(tmp_path, epochs=1)
+    second, _ = _export_fit(tmp_path, epochs=1, export_kwargs={"check": False, "overwrite": True})
+    assert second.run_id != first.run_id and _report(tmp_path)["run_id"] == second.run_id
