@@ -116,6 +116,21 @@ def restore(trainer, ckpt_path: str, resume: bool) -> dict[str, Any]:
     return checkpoint
 
 
+def upgrade_state_dict(module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Let each sublayer rename or convert its entries of an older ``state_dict`` in place.
+
+    A layer whose buffers changed name between versions defines
+    ``upgrade_state_dict(state_dict, prefix)``; it is called with the layer's key prefix (e.g.
+    ``"net.0.act_quanter.observer."``) before the keys are checked, so checkpoints of earlier
+    versions still load. Returns ``state_dict``.
+    """
+    for name, layer in module.named_sublayers():
+        upgrade = getattr(layer, "upgrade_state_dict", None)
+        if callable(upgrade):
+            upgrade(state_dict, f"{name}.")
+    return state_dict
+
+
 def restore_module(trainer, checkpoint: dict[str, Any], path: str, resume: bool) -> None:
     """Weights; for a resumed fit (``resume``) first ``on_load_checkpoint`` and the callback states,
     then the trainer state. Runs after ``configure_model``, before the optimizers exist."""
@@ -126,7 +141,7 @@ def restore_module(trainer, checkpoint: dict[str, Any], path: str, resume: bool)
             state = checkpoint["callbacks"].get(callback.state_key)
             if state is not None:
                 callback.load_state_dict(state)
-    state_dict = checkpoint["state_dict"]
+    state_dict = upgrade_state_dict(module, dict(checkpoint["state_dict"]))
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

@@ -141,7 +141,9 @@ class DDPStrategy(SingleProcess):
             machine, or 1 on a CPU).
         find_unused_parameters: let DataParallel find parameters that get no gradient in a step
             (costs a graph traversal per step; needed when the set of used parameters changes
-            between steps).
+            between steps). Turned on by itself, and logged, when a sublayer of the module says
+            it may leave parameters unused (``may_leave_parameters_unused`` true, e.g. PACT
+            during its data-driven warm-up).
         replace_sampler: give plain ``paddle.io.DataLoader``s (a ``BatchSampler`` over a map-style
             dataset) one shard per rank: a ``DistributedBatchSampler`` for training (same batch
             size per rank, so the global batch is ``world_size`` times larger), and every
@@ -211,7 +213,20 @@ class DDPStrategy(SingleProcess):
         if self.world_size == 1:
             return module
         return paddle.DataParallel(_TrainingStepForward(module), comm_buffer_size=self.comm_buffer_size,
-                                   find_unused_parameters=self.find_unused_parameters)
+                                   find_unused_parameters=self.finds_unused_parameters(module))
+
+    def finds_unused_parameters(self, module: nn.Layer) -> bool:
+        """Whether DataParallel must look for unused parameters in ``module``: asked, or declared
+        by one of its layers (``may_leave_parameters_unused``)."""
+        if self.find_unused_parameters:
+            return True
+        declaring = [name for name, layer in module.named_sublayers()
+                     if getattr(layer, "may_leave_parameters_unused", False)]
+        if declaring and "unused" not in self._announced:
+            self._announced.add("unused")
+            log.info("DataParallel looks for unused parameters: %s may leave some without a gradient",
+                     ", ".join(declaring[:3]) + (" ..." if len(declaring) > 3 else ""))
+        return bool(declaring)
 
     def training_step(self, model, batch: Any, batch_idx: int, sync_gradients: bool = True):
         if not isinstance(model, paddle.DataParallel):

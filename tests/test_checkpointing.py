@@ -86,3 +86,37 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_module):
     with pytest.raises(FloatingPointError, match="non-finite values in .*net.0.weight"):
         trainer.save_checkpoint(str(tmp_path / "bad.ckpt"))
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_an_old_qat_pact_checkpoint_resumes_where_the_old_code_ended(tmp_path):
+    """Written before the redesign (PACT during its warm-up, channel-wise weights): resumed mid-run,
+    it ends with the old code's weights, quantization buffers and logged history."""
+    from fixtures import make_old_quant_checkpoints as old_quant
+
+    with open(old_quant.QAT_EXPECTED) as handle:
+        expected = json.load(handle)
+    module, trainer = old_quant.fit_qat(str(tmp_path), ckpt_path=old_quant.QAT_CHECKPOINT)
+    assert trainer.global_step == expected["global_step"]
+    weights = {k: v.numpy() for k, v in module.state_dict().items()}
+    assert set(weights) == set(expected["weights"])
+    for name, value in weights.items():
+        np.testing.assert_allclose(value, np.array(expected["weights"][name]), atol=1e-6, err_msg=name)
+    for row, old_row in zip(trainer.log_history, expected["log_history"], strict=True):
+        assert row == pytest.approx(old_row, abs=1e-6)
+
+
+def test_an_old_ptq_absmax_checkpoint_loads_its_thresholds(tmp_path):
+    """The old AbsmaxCalibrator kept ``abs_max`` + ``seen``; today's keeps one ``absmax``: the layer
+    upgrades the old keys, so the calibrated thresholds and the validation metrics come back."""
+    from fixtures import make_old_quant_checkpoints as old_quant
+
+    with open(old_quant.PTQ_EXPECTED) as handle:
+        expected = json.load(handle)
+    module, _, metrics = old_quant.validate_ptq(str(tmp_path), ckpt_path=old_quant.PTQ_CHECKPOINT)
+    assert metrics == pytest.approx(expected["metrics"], abs=1e-6)
+    weights = {k: v.numpy() for k, v in module.state_dict().items()}
+    for old_name, value in expected["weights"].items():
+        name = old_name.replace(".abs_max", ".absmax")
+        if old_name.endswith(".seen"):
+            continue
+        np.testing.assert_allclose(weights[name], np.array(value), atol=1e-7, err_msg=name)

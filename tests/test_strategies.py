@@ -220,3 +220,18 @@ def test_ranks_agree_on_the_number_of_training_batches():
     assert agree_on_batches(_FakeRanks([0, 0]), "validation", 0) == 0  # no validation data anywhere
     with pytest.raises(ValueError, match="2 of the 2 processes no batch"):
         agree_on_batches(_FakeRanks([0, 0]), "train", 0)
+
+
+def test_ddp_looks_for_unused_parameters_when_asked_or_when_a_layer_declares_it():
+    from paddle import nn
+
+    from qtrainer.strategies import DDPStrategy
+
+    class MayLeaveUnused(nn.Layer):
+        may_leave_parameters_unused = True
+
+    plain = nn.Sequential(nn.Linear(2, 2))
+    declaring = nn.Sequential(nn.Linear(2, 2), MayLeaveUnused())
+    assert DDPStrategy().finds_unused_parameters(plain) is False
+    assert DDPStrategy().finds_unused_parameters(declaring) is True
+    assert DDPStrategy(find_unused_parameters=True).finds_unused_parameters(plain) is True

@@ -33,8 +33,8 @@ class QATCallback(QuantExportCallback):
       moving-average scales and their accumulators, abs-max scales, PACT α), so every rank
       trains against the same quantizers and the export holds what all ranks saw; the spread of
       each scale across ranks before that is logged as ``quant/scale_spread/<layer>...``.
-      Every quantized parameter takes part in every step (PACT's α during its warm-up with a zero
-      gradient), so the Trainer's DataParallel needs no ``find_unused_parameters``.
+      PACT's α gets no gradient during its data-driven warm-up; its layer declares that
+      (``may_leave_parameters_unused``) and the data-parallel strategy acts on it.
     * every ``trainer.log_every_n_steps`` optimizer steps and at each epoch end: logs per-layer
       statistics under ``quant/<layer>/...`` (activation scale, PACT α, fraction of values
       clipped, weight SQNR, weight-scale histograms) to the trainer's loggers.

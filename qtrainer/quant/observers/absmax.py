@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import paddle
 from paddle import _C_ops
 
@@ -155,6 +156,16 @@ class AbsmaxCalibrator(AbsMaxObserver):
 
     def extra_repr(self) -> str:
         return f"quant_bits={self.quant_bits}"
+
+    @staticmethod
+    def upgrade_state_dict(state_dict: dict, prefix: str) -> None:
+        """Checkpoints before the redesign kept ``abs_max`` and a ``seen`` count: now one ``absmax``
+        (negative until something was observed)."""
+        if prefix + "abs_max" not in state_dict or prefix + "absmax" in state_dict:
+            return
+        value = np.asarray(state_dict.pop(prefix + "abs_max"), dtype="float32").reshape([1])
+        seen = np.asarray(state_dict.pop(prefix + "seen", [1])).reshape(-1)
+        state_dict[prefix + "absmax"] = value if int(seen[0]) > 0 else np.full([1], _UNOBSERVED, "float32")
 
 
 class PerChannelAbsMaxObserver(_AbsMax):

@@ -20,9 +20,9 @@ follows the moving-average abs max of the activation (the same statistic as the
 ``moving_average_abs_max`` quantizer) during the first ``warmup_steps`` training forwards and is
 learned from then on; so QAT starts exactly like the default quantizer, and a stray forward on
 unrepresentative data (``paddle.summary`` runs one on random input in training mode) is averaged
-away. During the warm-up ``alpha`` still takes part in the training graph, with a zero gradient,
-so every parameter gets a gradient in every step and ``paddle.DataParallel`` needs no
-``find_unused_parameters``. ``lr_mult`` (default 1) multiplies the optimizer's learning rate for
+away. During the warm-up ``alpha`` takes no part in the training graph and gets no gradient (nor
+optimizer state); the layer declares it (``may_leave_parameters_unused``), so a data-parallel
+strategy lets ``paddle.DataParallel`` find unused parameters. ``lr_mult`` (default 1) multiplies the optimizer's learning rate for
 ``alpha``; ``decay`` (default None = whatever the optimizer applies) sets an L2 regularizer on
 ``alpha`` alone, the downward pull of the PACT paper. PaddleSlim's dygraph behaviour is ``PACT(init_value=100,
 lr_mult=1000)``.
@@ -47,10 +47,9 @@ logger = logging.getLogger(__name__)
 
 class _PACTClip(PyLayer):
     @staticmethod
-    def forward(ctx, x, a, learn=True):
+    def forward(ctx, x, a):
         clipped = paddle.clip(x, -a, a)
         ctx.x_needs_grad = not x.stop_gradient
-        ctx.learn = learn
         ctx.save_for_backward(x, clipped)
         return clipped
 
@@ -59,7 +58,7 @@ class _PACTClip(PyLayer):
         x, clipped = ctx.saved_tensor()
         over = paddle.sign(x - clipped)  # +1 above a, -1 below -a, 0 inside
         dy_over = dy * over
-        d_a = dy_over.sum().reshape([1]) if ctx.learn else paddle.zeros([1], dtype=dy.dtype)
+        d_a = dy_over.sum().reshape([1])
         d_x = dy - dy_over * over if ctx.x_needs_grad else None
         return d_x, d_a
 
@@ -71,11 +70,10 @@ _SIGN_GAIN = 1e38
 
 class _PACTFakeQuant(PyLayer):
     """PACT clip + fake quant with threshold ``a`` in one step: two allocations in the forward
-    pass, none in the backward pass (the saved overflow signs become ``dx`` in place). With
-    ``learn=False`` (PACT's warm-up) the gradient to ``a`` is zero."""
+    pass, none in the backward pass (the saved overflow signs become ``dx`` in place)."""
 
     @staticmethod
-    def forward(ctx, x, a, qmax, learn=True):
+    def forward(ctx, x, a, qmax):
         out = paddle.clip(x, -a, a)
         sign = x - out  # 0 inside [-a, a], the overflow outside
         _C_ops.scale_(sign, _SIGN_GAIN, 0.0, True)
@@ -84,18 +82,14 @@ class _PACTFakeQuant(PyLayer):
         out.round_()
         _C_ops.scale_(out, a / qmax, 0.0, True)
         ctx.x_needs_grad = not x.stop_gradient
-        ctx.learn = learn
         ctx.save_for_backward(sign)
         return out
 
     @staticmethod
     def backward(ctx, dy):
         (sign,) = ctx.saved_tensor()
-        if ctx.learn:
-            # sum(dy * sign) as a [1, n] x [n, 1] matmul: BLAS, no temporary (paddle.dot is 5x slower)
-            d_a = paddle.matmul(dy.reshape([1, -1]), sign.reshape([-1, 1])).reshape([1])
-        else:
-            d_a = paddle.zeros([1], dtype=dy.dtype)
+        # sum(dy * sign) as a [1, n] x [n, 1] matmul: BLAS, no temporary (paddle.dot is 5x slower)
+        d_a = paddle.matmul(dy.reshape([1, -1]), sign.reshape([-1, 1])).reshape([1])
         if not ctx.x_needs_grad:
             return None, d_a
         # Reusing the saved buffer is safe: Paddle runs a PyLayer's backward at most once
@@ -105,21 +99,14 @@ class _PACTFakeQuant(PyLayer):
         return d_x.multiply_(dy), d_a
 
 
-def pact_fake_quant(x: paddle.Tensor, alpha: paddle.Tensor, bits: int, learn: bool = True) -> paddle.Tensor:
-    """``fake_quant(pact_clip(x, alpha), |alpha|, bits)`` with the same gradients, fused
-    (``learn=False``: a zero gradient to ``alpha``)."""
-    return _PACTFakeQuant.apply(x, _abs_alpha(alpha, learn), float(qmax_for_bits(bits)), learn)
+def pact_fake_quant(x: paddle.Tensor, alpha: paddle.Tensor, bits: int) -> paddle.Tensor:
+    """``fake_quant(pact_clip(x, alpha), |alpha|, bits)`` with the same gradients, fused."""
+    return _PACTFakeQuant.apply(x, alpha.abs(), float(qmax_for_bits(bits)))
 
 
-def pact_clip(x: paddle.Tensor, alpha: paddle.Tensor, learn: bool = True) -> paddle.Tensor:
-    """``clip(x, -|alpha|, |alpha|)`` with PACT's gradient to ``x`` and ``alpha`` (shape ``[1]``;
-    ``learn=False``: a zero gradient to ``alpha``)."""
-    return _PACTClip.apply(x, _abs_alpha(alpha, learn), learn)
-
-
-def _abs_alpha(alpha: paddle.Tensor, learn: bool) -> paddle.Tensor:
-    """``|alpha|``; not learning (the warm-up), at least ``MIN_SCALE``, as ``PACT.threshold()``."""
-    return alpha.abs() if learn else paddle.clip(alpha.abs(), min=MIN_SCALE)
+def pact_clip(x: paddle.Tensor, alpha: paddle.Tensor) -> paddle.Tensor:
+    """``clip(x, -|alpha|, |alpha|)`` with PACT's gradient to ``x`` and ``alpha`` (shape ``[1]``)."""
+    return _PACTClip.apply(x, alpha.abs())
 
 
 class PACT(nn.Layer):
@@ -212,10 +199,14 @@ class PACT(nn.Layer):
             self._warmup_observe(x)
         return self.threshold()
 
-    def _warmup_in_graph(self, a: paddle.Tensor | None) -> bool:
-        """During a training warm-up step in dygraph, ``alpha`` (just set to ``a``) still enters the graph,
-        with a zero gradient, so DataParallel sees every parameter used in every step."""
-        return a is not None and self.training and not self.alpha.stop_gradient
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """True when ``alpha`` can go without a gradient in a training step (its data-driven warm-up).
+
+        A layer-level declaration that data-parallel strategies read (``DataParallel`` must then
+        look for unused parameters); nothing else changes.
+        """
+        return self.warmup_steps > 0
 
     def _record(self, x: paddle.Tensor) -> None:
         if self.record_clipping:
@@ -229,8 +220,6 @@ class PACT(nn.Layer):
         a = self._warmup_threshold(x)
         if a is None and self.training:
             return pact_clip(x, self.alpha)
-        if self._warmup_in_graph(a):  # alpha == a: the same clip
-            return pact_clip(x, self.alpha, learn=False)
         a = self.threshold() if a is None else a
         return paddle.clip(x, -a, a)
 
@@ -240,8 +229,6 @@ class PACT(nn.Layer):
         a = self._warmup_threshold(x)
         if a is None and self.training and in_dynamic_mode():
             return pact_fake_quant(x, self.alpha, bits)
-        if self._warmup_in_graph(a):  # alpha == a: the same values, a zero gradient to alpha
-            return pact_fake_quant(x, self.alpha, bits, learn=False)
         return fake_quant(x, self.threshold() if a is None else a, bits)
 
     def sync_modes(self) -> dict[str, str]:

@@ -431,13 +431,17 @@ def test_quant_sync_modes_name_real_state_dict_keys():
     assert not any(k.endswith(".weight") and "quanter" not in k for k in modes)
 
 
-def test_every_parameter_gets_a_gradient_during_the_pact_warm_up():
-    """What DataParallel needs without find_unused_parameters: no parameter unused in any step."""
+def test_only_the_pact_warm_up_leaves_parameters_unused_and_it_says_so():
+    """What DataParallel needs: the layers whose parameters may go without a gradient declare it
+    (``may_leave_parameters_unused``); every other parameter gets one in every step."""
     net = nn.Sequential(nn.Conv2D(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     quantize_model(net, {"activation_preprocess_type": "PACT", "pact_warmup_steps": 3})
+    declaring = {name for name, layer in net.named_sublayers() if getattr(layer, "may_leave_parameters_unused", False)}
+    assert declaring == {"0.act_preprocess", "3.act_preprocess"}
     net.train()
     for step in range(4):  # three warm-up steps, then a learned one
         net.clear_gradients()
         net(paddle.randn([2, 1, 6, 6])).sum().backward()
-        missing = [p.name for p in net.parameters() if p.grad is None]
-        assert missing == [], f"step {step}: no gradient for {missing}"
+        missing = [n for n, p in net.named_parameters() if p.grad is None]
+        assert all(n.endswith("act_preprocess.alpha") for n in missing), f"step {step}: {missing}"
+        assert bool(missing) == (step < 3), f"step {step}: {missing}"
