@@ -13,7 +13,7 @@ from paddle import nn
 import paddle.nn.functional as F
 
 from qtrainer.quant.base import Quanter, qmax_for_bits
-from qtrainer.quant.export.program import append_quant_op, append_round
+from qtrainer.quant.export.program import FUSED_UNSIGNED_ACTIVATIONS, append_quant_op, append_round
 from qtrainer.quant.export.report import LayerExport
 from qtrainer.quant.quanters.fake_quant import fake_quant
 from qtrainer.quant.transforms.wrap import QuantedLayer
@@ -73,6 +73,9 @@ class _Int8Layer(_ExportLayer):
         )
         self.register_buffer("weight_zero_point", paddle.zeros([channels], dtype="int32"))
         self.float_output = False  # set by the exporter for convolutions feeding a residual add
+        # set by the exporter when the input comes from a conv [+ batch norm] + relu/relu6 that
+        # Paddle fuses and itself counts as unsigned (``program.fused_unsigned_inputs``)
+        self.unsigned_by_fusion = False
         self.export_name = plan.name
 
     def _quantize_input(self, x):
@@ -80,13 +83,29 @@ class _Int8Layer(_ExportLayer):
             x = self.act_preprocess(x)
         if self._clip is not None:
             x = paddle.clip(x, min=-self._clip, max=self._clip)
-        producer = getattr(x, "op", None)
-        if self._unsigned and (self._clip is not None or producer is None or producer.type != "relu"):
+        if self._unsigned and not self._unsigned_for_paddle(x):
             x = F.relu(x)  # a no-op on these values; it makes Paddle quantize to u8
         x = append_quant_op("quantize_linear", x, self.act_scale, self.act_zero_point, -1, self._unsigned)
         return append_quant_op(
             "dequantize_linear", x, self.act_scale, self.act_zero_point, -1, self._unsigned
         )
+
+    def _unsigned_for_paddle(self, x) -> bool:
+        """Whether Paddle's passes will call ``x`` unsigned without a no-op ``relu`` in front.
+
+        True when ``x`` is a ``relu`` output, or a relu6/relu output the exporter found fused into
+        the convolution before it. Then the fused convolution writes the u8 codes itself (int8 to
+        int8); a ``relu`` in between would make it write fp32 for a separate relu and quantize.
+        An explicit clip comes after the activation, so it always needs the relu.
+        """
+        if self._clip is not None:
+            return False
+        producer = getattr(x, "op", None)
+        if producer is None:
+            return False
+        if producer.type == "relu":
+            return True
+        return self.unsigned_by_fusion and producer.type in FUSED_UNSIGNED_ACTIVATIONS
 
     def _weight(self):
         return append_quant_op(

@@ -31,7 +31,7 @@ from qtrainer.quant.export.files import check_export_target, make_export_staging
 from qtrainer.quant.export.inference import load_int8_predictor, read_program_ops, run_predictor
 from qtrainer.quant.export.layers import FAKE_QUANT_TYPES, INT8_TYPES, Int8Conv2D
 from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, plan_layers, working_copy
-from qtrainer.quant.export.program import residual_conv_weights
+from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
 from qtrainer.quant.export.report import ExportCheckError, ExportReport, LayerExport
 from qtrainer.quant.export.samples import check_batches_match, dry_run, normalise_spec, spec_dict
 from qtrainer.quant.export.selfcheck import CheckResult, compare_samples, find_culprits, judge, sample_batches
@@ -356,7 +356,9 @@ class _Exporter:
         self.order = context.order
         self.attempts: list[_Attempt] = []
         self._cache: dict[tuple[frozenset, frozenset], _Attempt] = {}
-        self.residual_convs: set[str] | None = None  # found in the first traced program
+        # both found in the first traced program (``save``)
+        self.residual_convs: set[str] | None = None  # int8 convs feeding a residual add
+        self.fused_unsigned: set[str] = set()  # int8 layers whose unsigned input needs no no-op relu
 
     def order_all(self) -> list[str]:
         return self.order + [n for n in self.plans if n not in self.order]
@@ -383,19 +385,29 @@ class _Exporter:
         return model
 
     def save(self, model: nn.Layer, directory: str) -> None:
-        """Trace and save ``model``; int8 convolutions that feed a residual add get an fp32 output."""
-        int8_convs = [layer for layer in model.sublayers() if isinstance(layer, Int8Conv2D)]
+        """Trace and save ``model``, with the two decisions read from the first traced program.
+
+        Int8 convolutions that feed a residual add get an fp32 output (``residual_conv_weights``);
+        int8 layers whose unsigned input Paddle fuses into a conv + relu/relu6 get no no-op relu
+        (``fused_unsigned_inputs``). The first attempt traces twice when either set is not empty.
+        """
+        int8_layers = [layer for layer in model.sublayers() if isinstance(layer, tuple(INT8_TYPES.values()))]
         if self.residual_convs is None:
             self._trace(model, directory)
             ops = read_program_ops(os.path.join(directory, "model.pdmodel"))
             weights = residual_conv_weights(ops)
-            self.residual_convs = {layer.export_name for layer in int8_convs if layer.weight_int8.name in weights}
+            self.residual_convs = {layer.export_name for layer in int8_layers
+                                   if isinstance(layer, Int8Conv2D) and layer.weight_int8.name in weights}
             for name in self.residual_convs:
                 self.plans[name].float_output = True
-            if not self.residual_convs:
+            scales = fused_unsigned_inputs(ops)
+            self.fused_unsigned = {layer.export_name for layer in int8_layers if layer.act_scale.name in scales
+                                   and not self.plans[layer.export_name].act_signed}
+            if not self.residual_convs and not self.fused_unsigned:
                 return
-        for layer in int8_convs:
-            layer.float_output = layer.export_name in self.residual_convs
+        for layer in int8_layers:
+            layer.float_output = isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
+            layer.unsigned_by_fusion = layer.export_name in self.fused_unsigned
         self._trace(model, directory)
 
     def _trace(self, model: nn.Layer, directory: str) -> None:

@@ -1,14 +1,15 @@
 """The legacy-program ops the export emits while ``paddle.jit.save`` traces, and one graph query.
 
-``append_quant_op`` (``quantize_linear`` / ``dequantize_linear``), ``append_round`` (``floor(x + 0.5)``)
-and ``residual_conv_weights`` (the convolutions whose output goes only to a residual add; see
-``docs/export-format.md``).
+``append_quant_op`` (``quantize_linear`` / ``dequantize_linear``), ``append_round`` (``floor(x + 0.5)``),
+``residual_conv_weights`` (the convolutions whose output goes only to a residual add) and
+``fused_unsigned_inputs`` (the quantized inputs that Paddle's conv + relu/relu6 fusion already
+marks unsigned); see ``docs/export-format.md``.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["INT8_BITS", "append_quant_op", "append_round", "residual_conv_weights"]
+__all__ = ["INT8_BITS", "append_quant_op", "append_round", "residual_conv_weights", "fused_unsigned_inputs"]
 
 INT8_BITS = 8
 
@@ -87,3 +88,62 @@ def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
         if op.type == "conv2d" and op.inputs["Filter"][0] in dequantized
         and feeds_residual_add(op.outputs["Output"][0])
     }
+
+
+#: Activations that Paddle fuses into a convolution and then counts as unsigned outputs
+#: (``conv_activation_onednn_fuse_pass``, ``compute_propagate_scales_onednn_pass``).
+FUSED_UNSIGNED_ACTIVATIONS = ("relu", "relu6")
+_CONV_OPS = ("conv2d", "depthwise_conv2d")
+
+
+def fused_unsigned_inputs(ops: Sequence[Any]) -> set[str]:
+    """``Scale`` variables of the ``quantize_linear`` ops whose input Paddle itself will mark unsigned.
+
+    The pattern is ``conv2d|depthwise_conv2d [-> batch_norm] -> relu|relu6 [-> relu] ->
+    quantize_linear``, the convolution's and the batch norm's output each used by the next op only.
+    Paddle folds the batch norm into the convolution (``conv_bn_fuse_pass``), fuses the activation
+    into it (``conv_activation_onednn_fuse_pass``) and counts a convolution fused with relu/relu6 as
+    an unsigned producer, so the quantized tensor is u8 without the export's no-op ``relu`` (the
+    optional ``relu`` before the ``quantize_linear``). With that relu the fused convolution writes
+    fp32 and a separate relu + quantize run on every such tensor; without it the convolution writes
+    the same u8 codes itself. Anything else in between (a pool, reshape, add, clip, pad, or a
+    convolution output used twice, which Paddle does not fuse) keeps the relu.
+    """
+    producer: dict[str, Any] = {}
+    uses: dict[str, int] = {}
+    for op in ops:
+        for names in op.inputs.values():
+            for name in names:
+                uses[name] = uses.get(name, 0) + 1
+        for names in op.outputs.values():
+            for name in names:
+                producer[name] = op
+
+    def only_output_of(name: str, types: Sequence[str]) -> Any:
+        op = producer.get(name)
+        return op if op is not None and op.type in types and uses.get(name, 0) == 1 else None
+
+    def from_fused_activation(name: str) -> bool:
+        act = producer.get(name)
+        if act is None or act.type not in FUSED_UNSIGNED_ACTIVATIONS:
+            return False
+        source = act.inputs["X"][0]
+        norm = only_output_of(source, ("batch_norm",))
+        if norm is not None:
+            if source not in norm.outputs.get("Y", []):
+                return False
+            source = norm.inputs["X"][0]
+        conv = only_output_of(source, _CONV_OPS)
+        return conv is not None and source in conv.outputs.get("Output", [])
+
+    found = set()
+    for op in ops:
+        if op.type != "quantize_linear":
+            continue
+        name = op.inputs["X"][0]
+        noop = producer.get(name)
+        if noop is not None and noop.type == "relu" and from_fused_activation(noop.inputs["X"][0]):
+            found.add(op.inputs["Scale"][0])  # the export's no-op relu after the activation
+        elif from_fused_activation(name):
+            found.add(op.inputs["Scale"][0])
+    return found
