@@ -10,6 +10,8 @@ from typing import Any
 
 import paddle
 
+from qtrainer.quant.export.isa import int8_isa
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -21,8 +23,8 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
-            "paddle": paddle.__version__, "python": platform.python_version()}
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "int8_isa": int8_isa(),
+            "cores": os.cpu_count(), "paddle": paddle.__version__, "python": platform.python_version()}
 
 
 def median(values: list[float]) -> float:
@@ -30,6 +32,9 @@ def median(values: list[float]) -> float:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Print an aligned table, headed by the CPU and its int8 ISA (results differ between them)."""
+    where = machine()
+    print(f"# {where['cpu']}, {where['cores']} cores, int8 ISA: {where['int8_isa']}, Paddle {where['paddle']}")
     cells = [headers] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for index, row in enumerate(cells):

@@ -10,6 +10,8 @@ from typing import Any
 
 import paddle
 
+from qtrainer.quant.export.isa import int8_isa
+
 from qtrainer.quant.export.selfcheck import CheckResult
 
 __all__ = ["ExportCheckError", "ExportReport", "LayerExport", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -89,6 +91,8 @@ class ExportReport:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "paddle": paddle.__version__,
+            # the self-check ran here; on another int8 ISA (e.g. AVX2 without VNNI) the numbers differ
+            "checked_on": None if self.check is None else {"int8_isa": int8_isa()},
             "run_id": self.run_id,
             "files": self.files,
             "input_spec": self.input_spec,

@@ -13,6 +13,7 @@ from paddle import nn
 import qtrainer.quant.export.orchestration as export_module
 import qtrainer.quant.export.plan as plan_module
 from qtrainer.quant.export import ExportCheckError, export_quantized_model
+from qtrainer.quant.export.isa import int8_isa
 from qtrainer.quant.export.inference import load_int8_predictor, read_params, read_program_ops, run_predictor
 from qtrainer.quant.methods.qat import QAT
 from qtrainer.quant.transforms.wrap import iter_quanted_layers, quantize_model
@@ -199,6 +200,7 @@ def test_json_describes_the_export(trained, fmnist, tmp_path):
             assert entry["deploy_act_scale"] == pytest.approx(entry["act_scale"] * 255 / 127, rel=1e-6)
     check = data["check"]
     assert check["passed"] is report.passed is True
+    assert data["checked_on"] == {"int8_isa": int8_isa()}  # the self-check's numbers hold for this ISA
     assert check["samples"] == 512 and check["sample_source"] == "given"
     assert check["rel_l2"] == pytest.approx(report.check.rel_l2)
     assert check["int8_ops_total"] == len(data["int8_layers"])
