@@ -270,6 +270,8 @@ def main() -> None:
     name = "qat_export" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
     if len(args.models) == 4:
         name += "_4archs"
+    if payload.get("speed"):  # speed-ups differ by int8 ISA: one file per machine kind
+        name += f"_{machine()['int8_isa']}"
     print("results:", write_json(name, payload))
 
 
