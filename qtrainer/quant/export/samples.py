@@ -29,15 +29,21 @@ def _model_input(batch: Any) -> Any:
 
 def first_inputs(loader: Iterable | None, max_batches: int) -> list[np.ndarray]:
     """The model inputs (first element of each batch) of up to ``max_batches`` batches, as numpy."""
-    samples: list[np.ndarray] = []
     if loader is None or max_batches <= 0:
-        return samples
+        return []
+    return _inputs_at(loader, set(range(max_batches)))
+
+
+def _inputs_at(loader: Iterable, positions: set[int]) -> list[np.ndarray]:
+    """The model inputs of the batches at ``positions`` (iterating ``loader``, stopping after the last)."""
+    samples: list[np.ndarray] = []
     iterator = guard_iterator(iter(loader))
     try:
-        for batch in iterator:
-            samples.append(_as_numpy(_model_input(batch)))
-            if len(samples) >= max_batches:
-                break
+        for position, batch in enumerate(iterator):
+            if position in positions:
+                samples.append(_as_numpy(_model_input(batch)))
+                if len(samples) == len(positions):
+                    break
     finally:
         close_iterator(iterator)
     return samples
@@ -74,18 +80,7 @@ def spread_inputs(loader: Iterable | None, max_batches: int) -> list[np.ndarray]
         return first_inputs(loader, max_batches)
     if length <= max_batches:
         return first_inputs(loader, max_batches)
-    wanted = set(np.linspace(0, length - 1, max_batches).round().astype("int64").tolist())
-    samples = []
-    iterator = guard_iterator(iter(loader))
-    try:
-        for position, batch in enumerate(iterator):
-            if position in wanted:
-                samples.append(_as_numpy(_model_input(batch)))
-                if len(samples) == len(wanted):
-                    break
-    finally:
-        close_iterator(iterator)
-    return samples
+    return _inputs_at(loader, set(np.linspace(0, length - 1, max_batches).round().astype("int64").tolist()))
 
 
 def _as_numpy(value: Any) -> np.ndarray:
