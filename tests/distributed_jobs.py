@@ -25,6 +25,8 @@ from qtrainer.callbacks import ModelCheckpoint
 from qtrainer.loggers import CSVLogger
 from qtrainer.strategies import DDPStrategy
 
+from helpers import child_env, run_script  # noqa: F401 - child_env is part of this module's test API
+
 HERE = Path(__file__).resolve()
 BATCH = 4            # per rank; the one-process reference uses 2 * BATCH
 N_TRAIN, N_VAL = 48, 30
@@ -250,25 +252,9 @@ def load_dump(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------------ child-process runs
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child ``python``: one thread, and this checkout's qtrainer importable."""
-    root = str(HERE.parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
-
-
 def run_child(*args: str, timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run this file as a script (``scenario``, ``out``) in a new session; kill the whole session on timeout."""
-    proc = subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=child_env(**(env or {})),
-                            cwd=str(HERE.parent.parent))
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"`{' '.join(args)}` did not finish in {timeout} s (hang?):\n{out[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return run_script(str(HERE), *args, timeout=timeout, env=env)
 
 
 def check_child(result: subprocess.CompletedProcess) -> str:

@@ -2,14 +2,39 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import paddle
 from paddle import nn
 
 from qtrainer import Module
 
 FASHION_MNIST_DIR = os.environ.get("QTRAINER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child ``python``: one thread, and this checkout's qtrainer importable."""
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def run_script(script: str, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python script args`` from the repo root in a new session; on ``timeout`` kill the whole
+    session and fail the test (a hang must fail, not stall the suite). stderr goes to stdout."""
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=child_env(**(env or {})), cwd=REPO_ROOT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"`{' '.join(map(str, args))}` did not finish in {timeout} s (hang?):\n{out[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 class NoisyPoints(paddle.io.Dataset):

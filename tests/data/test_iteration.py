@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,6 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent.parent
 TIMEOUT = 15.0  # the child imports paddle (~3 s); a hang is killed here
 FAIL_AT = 12  # a user's dataset fails on this sample: batch 6 of 2, after the loaders' prefetch
 
@@ -37,18 +34,12 @@ def _corrupt_folder(tmp_path) -> tuple[str, str]:
 
 def _run(case: str, workers: int, root: str = "-") -> dict:
     """Run ``case`` in a child; kill its whole session after TIMEOUT. Returns the child's facts."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, str(HERE), case, str(workers), root], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=str(ROOT),
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{case} with workers={workers} did not finish in {TIMEOUT} s (the loader hangs):\n{out[-3000:]}")
+    from helpers import run_script  # here: the child runs this file with tests/data first on its path
+
+    result = run_script(str(HERE), case, str(workers), root, timeout=TIMEOUT)
+    out = result.stdout
     lines = [line for line in out.splitlines() if line.startswith("FACTS ")]
-    assert proc.returncode == 0 and lines, out[-4000:]
+    assert result.returncode == 0 and lines, out[-4000:]
     return json.loads(lines[-1][len("FACTS "):])
 
 
