@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import paddle
@@ -77,12 +77,14 @@ class Settings:
     threads: int | None
     check_time_limit: float = 300.0
     overwrite: bool = False
+    runtime: str = "paddle"
 
     @property
     def export_kwargs(self) -> dict[str, Any]:
         """Recipes write the export even when its self-check fails, and report the check's verdict."""
+        formats = ("paddle", "openvino") if self.runtime == "openvino" else ("paddle",)
         return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1,
-                "overwrite": self.overwrite}
+                "overwrite": self.overwrite, "formats": formats}
 
     @property
     def run_dir(self) -> str:
@@ -127,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="replace the results of an earlier run in the same --out (refused otherwise, before training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--runtime", default="paddle", choices=("paddle", "openvino"),
+                        help="runtime of the deployed evaluation: Paddle Inference (default) or OpenVINO "
+                             "(the export also writes the OpenVINO IR; needs qtrainer[openvino])")
     args = parser.parse_args(argv)
 
     arch = ARCHS[args.arch]
@@ -154,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         pretrained=args.pretrained, from_scratch=args.from_scratch, pact=args.pact, weight_bits=args.weight_bits,
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
         train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, runtime=args.runtime,
     )
 
 
@@ -259,15 +264,37 @@ def dygraph_logits(s: Settings, net: paddle.nn.Layer, loader) -> tuple[np.ndarra
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def deployed_logits(s: Settings, predictor, loader) -> np.ndarray:
-    return np.concatenate([predict(predictor, images.numpy())[0] for images, _ in _val_batches(s, loader)])
+def deployed_runner(s: Settings, prefix: str, int8: bool) -> tuple[Callable[[np.ndarray], np.ndarray], dict | None]:
+    """``(run(images) -> logits, int8 op counts)`` of the model at ``prefix`` on ``s.runtime``.
+
+    ``'paddle'``: Paddle Inference (oneDNN; int8 kernels for an int8 export). ``'openvino'``: the
+    OpenVINO IR beside it (written by the export's ``formats``, or converted here for a float
+    model); the counts are the compute nodes OpenVINO runs in int8.
+    """
+    threads = s.threads or 1
+    if s.runtime == "openvino":
+        from qtrainer.quant.export.openvino import load_openvino, run_openvino, runtime_precisions, write_openvino
+
+        if not os.path.exists(prefix + ".xml"):
+            write_openvino(prefix)
+        compiled = load_openvino(prefix + ".xml", num_threads=threads)
+        summary = runtime_precisions(compiled)["summary"]
+        counts = {"int8_compute": summary["int8_compute"]} if int8 else None
+        return (lambda images: run_openvino(compiled, [images])[0]), counts
+    if int8:
+        predictor, counts = load_int8_predictor(prefix, num_threads=threads)
+    else:
+        predictor, counts = create_predictor(prefix, int8=False, num_threads=threads), None
+    return (lambda images: predict(predictor, images)[0]), counts
 
 
-def deployment_results(s: Settings, net, predictor, loader, int8_ops: dict | None = None) -> dict[str, Any]:
+def deployment_results(s: Settings, net, prefix: str, loader, int8: bool = True) -> dict[str, Any]:
+    run, int8_ops = deployed_runner(s, prefix, int8)
     simulated, labels = dygraph_logits(s, net, loader)
-    deployed = deployed_logits(s, predictor, loader)
+    deployed = np.concatenate([run(images.numpy()) for images, _ in _val_batches(s, loader)])
     rel_l2 = float(np.linalg.norm(deployed - simulated) / max(np.linalg.norm(simulated), 1e-12))
     return {
+        "runtime": s.runtime,
         "images": int(len(labels)),
         "simulated_top1": float((simulated.argmax(1) == labels).mean()),
         "deployed_top1": float((deployed.argmax(1) == labels).mean()),
@@ -304,7 +331,7 @@ def run_fp32(s: Settings, loaders) -> dict[str, Any]:
     atomic_write_bytes(s.fp32_weights, weights.getvalue())  # a kill never leaves half a weights file for the next stage
     prefix = os.path.join(s.method_dir("fp32"), "export", "model")
     export_fp32(net, prefix, input_spec(s))
-    results = deployment_results(s, net, create_predictor(prefix, int8=False, num_threads=s.threads or 1), val)
+    results = deployment_results(s, net, prefix, val, int8=False)
     return {"train_seconds": seconds, "steps": trainer.global_step, "weights": s.fp32_weights, "export": prefix, **results}
 
 
@@ -320,8 +347,7 @@ def run_qat(s: Settings, loaders) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(_module(s, net, s.qat_lr), train, val, callbacks=[callback])
     seconds = time.perf_counter() - start
-    predictor, counts = load_int8_predictor(os.path.join(export_dir, "model"), num_threads=s.threads or 1)
-    results = deployment_results(s, net, predictor, val, counts)
+    results = deployment_results(s, net, os.path.join(export_dir, "model"), val)
     return {"from": source, "config": config, "train_seconds": seconds, "steps": trainer.global_step,
             "export": export_dir, "export_check": _report_summary(callback.export_report), **results}
 
@@ -338,8 +364,7 @@ def run_ptq(s: Settings, loaders) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(_module(s, net, s.fp32_lr), train, val, callbacks=[callback])
     seconds = time.perf_counter() - start
-    predictor, counts = load_int8_predictor(os.path.join(export_dir, "model"), num_threads=s.threads or 1)
-    results = deployment_results(s, trainer.module.net, predictor, val, counts)
+    results = deployment_results(s, trainer.module.net, os.path.join(export_dir, "model"), val)
     return {"from": source, "calibrator": s.calibrator, "calib_batches": s.calib_batches, "calib_seconds": seconds,
             "export": export_dir, "export_check": _report_summary(callback.export_report), **results}
 
@@ -350,7 +375,7 @@ def run_dynamic(s: Settings, loaders) -> dict[str, Any]:
     net.eval()
     prefix = os.path.join(s.method_dir("dynamic"), "export", "model")
     report = quantize_dygraph_weights(net, prefix, input_spec(s), weight_bits=s.dynamic_bits)
-    results = deployment_results(s, net, create_predictor(prefix, int8=False, num_threads=s.threads or 1), val)
+    results = deployment_results(s, net, prefix, val, int8=False)
     sizes = {"params_bytes_fp32": report["source"]["params_bytes"], "params_bytes": report["output"]["params_bytes"],
              "params_ratio": report["output"]["params_ratio"]}
     return {"from": source, "weight_bits": s.dynamic_bits, "export": prefix, **sizes, **results}

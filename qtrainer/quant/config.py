@@ -45,6 +45,12 @@ Extras (not in the seed):
   decay, or an L2 coefficient for ``alpha`` alone). Weight PACT always starts at the weight's abs
   max.
 
+* ``quantize_residual_inputs`` (``True``): in a residual block ``branch(x) + x`` whose ``x`` is
+  also a quantized convolution's input, the add reads ``x`` quantized with that convolution's
+  scale, as the fused int8 graph computes it, so the export fuses the add into the convolution
+  (``qtrainer.quant.transforms.residual``). ``False`` adds the float ``x`` and the export keeps
+  such adds in float (slower).
+
 Accepted for compatibility with PaddleSlim configs and ignored with a log message: ``dtype``
 (``'int8'``), ``window_size`` (PaddleSlim's ``range_abs_max`` window, unused here), ``for_tensorrt``
 and ``onnx_format`` (qtrainer's export format is fixed).
@@ -104,6 +110,7 @@ class QuantConfig:
     pact_warmup_steps: int = 100
     pact_lr_mult: float = 1.0
     pact_decay: float | None = None
+    quantize_residual_inputs: bool = True
 
     def __post_init__(self) -> None:
         self._source = getattr(self, "_source", "QuantConfig")
@@ -226,6 +233,11 @@ class QuantConfig:
                     "decay) or a number >= 0"
                 )
             self.pact_decay = float(decay)
+        if not isinstance(self.quantize_residual_inputs, bool):
+            raise ValueError(
+                f"quantize_residual_inputs={self.quantize_residual_inputs!r} in {src} must be True "
+                "or False"
+            )
 
 
 def _check_choice(key: str, value: Any, accepted: tuple, source: str) -> None:

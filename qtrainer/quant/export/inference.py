@@ -43,6 +43,7 @@ __all__ = [
     "make_config",
     "create_predictor",
     "load_int8_predictor",
+    "int8_graph_summary",
     "run_predictor",
     "predict",
     "read_program_ops",
@@ -164,11 +165,12 @@ def create_predictor(
     return _new_predictor(config, quiet)
 
 
-def load_int8_predictor(prefix: str, num_threads: int = 1) -> tuple[Any, Counter]:
+def load_int8_predictor(prefix: str, num_threads: int = 1, graph: dict | None = None) -> tuple[Any, Counter]:
     """An oneDNN int8 predictor and ``{op type: count}`` of the compute ops it runs in int8.
 
     The counts come from the optimized program Paddle saved while building the predictor (in a
-    temporary directory, removed afterwards).
+    temporary directory, removed afterwards); a ``graph`` dict given is filled with its
+    ``int8_graph_summary``.
     """
     directory = tempfile.mkdtemp(prefix="qtrainer-optim-")
     try:
@@ -180,7 +182,10 @@ def load_int8_predictor(prefix: str, num_threads: int = 1) -> tuple[Any, Counter
                 f"Paddle Inference did not save its optimized program for {prefix!r} "
                 f"(expected {optimized}); cannot count the int8 ops"
             )
-        counts = int8_op_counts(read_program_ops(optimized))
+        ops = read_program_ops(optimized)
+        counts = int8_op_counts(ops)
+        if graph is not None:
+            graph.update(int8_graph_summary(ops))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return predictor, counts
@@ -276,6 +281,36 @@ def int8_op_counts(ops: Iterable[ProgramOp]) -> Counter:
         for op in ops
         if op.type in INT8_COMPUTE_OPS and op.attrs.get("mkldnn_data_type") == "int8"
     )
+
+
+_CONV_TYPES = ("fused_conv2d", "conv2d", "depthwise_conv2d")
+_GLUE_TYPES = ("quantize", "dequantize", "requantize", "relu", "scale", "batch_norm", "elementwise_add")
+
+
+def int8_graph_summary(ops: Iterable[ProgramOp]) -> dict[str, int]:
+    """How much of an optimized program chains int8: convolutions by output, and the glue ops.
+
+    ``conv int8->int8`` write int8 for the next int8 op, ``conv int8->fp32`` write fp32 (a
+    residual barrier, a float consumer or the last layer), ``conv fp32`` run in float; the
+    glue counts (``quantize``, ``dequantize``, fp32 ``elementwise_add``, unfolded ``batch_norm``,
+    ``scale``, ``relu``) are the ops a fully fused graph no longer has. Convolutions fused with a
+    residual add are also counted as ``conv +residual``.
+    """
+    summary = {"conv int8->int8": 0, "conv int8->fp32": 0, "conv fp32": 0, "conv +residual": 0}
+    summary.update({name: 0 for name in _GLUE_TYPES})
+    for op in ops:
+        if op.type in _CONV_TYPES:
+            if op.attrs.get("mkldnn_data_type") != "int8":
+                summary["conv fp32"] += 1
+            elif op.attrs.get("force_fp32_output"):
+                summary["conv int8->fp32"] += 1
+            else:
+                summary["conv int8->int8"] += 1
+            if op.attrs.get("fuse_residual_connection"):
+                summary["conv +residual"] += 1
+        elif op.type in _GLUE_TYPES:
+            summary[op.type] += 1
+    return summary
 
 
 _NUMPY_DTYPES = {

@@ -35,6 +35,8 @@ class _ExportLayer(nn.Layer):
         super().__init__()
         self._quanted = (quanted,)  # a tuple: not a sublayer
         self.bias = quanted.bias
+        # a residual block quantizes the input first, through ``quantize_input``
+        self.input_quantized_outside = quanted.input_quantized_outside
         pre = quanted.act_preprocess
         self.act_preprocess = pre if (pre is not None and not quanted.act_pact) else None
         conv = quanted.layer
@@ -46,6 +48,11 @@ class _ExportLayer(nn.Layer):
             )
             self._padding_mode = conv._padding_mode
             self._pad = getattr(conv, "_reversed_padding_repeated_twice", None)
+
+    @property
+    def quanted(self) -> QuantedLayer:
+        """The quanted layer this one stands for."""
+        return self._quanted[0]
 
     def _conv_input(self, x):
         """``(x, conv2d keyword arguments)``; non-zero padding modes pad explicitly, as the quanted layer."""
@@ -77,6 +84,15 @@ class _Int8Layer(_ExportLayer):
         # Paddle fuses and itself counts as unsigned (``program.fused_unsigned_inputs``)
         self.unsigned_by_fusion = False
         self.export_name = plan.name
+
+    def quantize_input(self, x):
+        """The input as this layer quantizes it: the simulation in dynamic mode, the pair when traced."""
+        if paddle.in_dynamic_mode():
+            return self._quanted[0].quantize_input(x)
+        return self._quantize_input(x)
+
+    def _quantized(self, x):
+        return x if self.input_quantized_outside else self._quantize_input(x)
 
     def _quantize_input(self, x):
         if self.act_preprocess is not None:
@@ -119,7 +135,7 @@ class Int8Conv2D(_Int8Layer):
         if paddle.in_dynamic_mode():
             return self._quanted[0](x)
         x, args = self._conv_input(x)
-        y = F.conv2d(self._quantize_input(x), self._weight(), bias=self.bias, **args)
+        y = F.conv2d(self._quantized(x), self._weight(), bias=self.bias, **args)
         # a no-op Paddle does not fuse through: the conv stays int8 with an fp32 output, and the
         # batch norm / residual add / relu after it run in float, as in the simulation
         return paddle.scale(y, 1.0) if self.float_output else y
@@ -135,7 +151,7 @@ class Int8Linear(_Int8Layer):
         out_features, in_features = self._weight_shape[:2]
         lead = list(x.shape[:-1])
         x4 = paddle.reshape(x, [-1, in_features, 1, 1])
-        y = F.conv2d(self._quantize_input(x4), self._weight(), bias=self.bias)
+        y = F.conv2d(self._quantized(x4), self._weight(), bias=self.bias)
         if sum(1 for d in lead if d is None or d < 0) <= 1:
             return paddle.reshape(y, [-1 if (d is None or d < 0) else d for d in lead] + [out_features])
         shape = paddle.concat([paddle.shape(x)[:-1], paddle.to_tensor([out_features], dtype="int32")])
@@ -156,7 +172,18 @@ class _FakeQuantLayer(_ExportLayer):
         self._qmax = float(qmax_for_bits(plan.act_bits))
         self.register_buffer("weight_fq", quanted.quantized_weight().astype("float32"))
 
+    def quantize_input(self, x):
+        """The input as this layer quantizes it: the simulation in dynamic mode, float ops when traced."""
+        if paddle.in_dynamic_mode():
+            return self._quanted[0].quantize_input(x)
+        return self._fake_quant_input_ops(x)
+
     def _fake_quant_input(self, x):
+        if self.input_quantized_outside:
+            return x
+        return self._fake_quant_input_ops(x)
+
+    def _fake_quant_input_ops(self, x):
         if self.act_preprocess is not None:
             x = self.act_preprocess(x)
         t, qmax = self._threshold, self._qmax

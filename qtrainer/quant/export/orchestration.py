@@ -42,6 +42,9 @@ __all__ = ["export_quantized_model", "ExportOptions", "CheckOptions"]
 logger = logging.getLogger(__name__)
 
 _ON_FAILURE = ("raise", "write")
+#: What the export can write: the Paddle Inference model (always, the others are made from it)
+#: and the OpenVINO IR (``qtrainer.quant.export.openvino``, the ``qtrainer[openvino]`` extra).
+EXPORT_FORMATS = ("paddle", "openvino")
 _CLIP_CHOICES = ("auto", True, False)
 
 
@@ -79,8 +82,24 @@ class ExportOptions:
     keep_float: Sequence[str] = ()
     fake_quant_layers: Sequence[str] = ()
     clip_activations: bool | str = "auto"
+    formats: Sequence[str] = ("paddle",)
 
     def __post_init__(self) -> None:
+        formats = self.formats
+        if isinstance(formats, str) or not isinstance(formats, (list, tuple)) or not all(
+            isinstance(f, str) for f in formats
+        ):
+            raise TypeError(f"formats={formats!r} must be a tuple of format names from {EXPORT_FORMATS}")
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown or "paddle" not in formats:
+            raise ValueError(
+                f"formats={tuple(formats)!r} is not valid: accepted names are {EXPORT_FORMATS}, and "
+                "'paddle' must be among them (the other formats are converted from the Paddle model)"
+            )
+        if "openvino" in formats:
+            from qtrainer.quant.export.openvino import require_openvino
+
+            require_openvino()  # before the work, not after it
         if not (isinstance(self.clip_activations, bool) or self.clip_activations == "auto"):
             raise ValueError(f"clip_activations={self.clip_activations!r} is not valid: use one of {_CLIP_CHOICES}")
         for argument in ("keep_float", "fake_quant_layers"):
@@ -109,6 +128,7 @@ def export_quantized_model(
     clip_activations: bool | str = "auto",
     strict_int8: bool = False,
     num_threads: int = 1,
+    formats: Sequence[str] = ("paddle",),
 ) -> ExportReport:
     """Export a quantized ``model`` for Paddle Inference int8 on CPU and check it; see the module docstring.
 
@@ -143,6 +163,11 @@ def export_quantized_model(
         strict_int8: fail the check when Paddle runs fewer int8 ops than layers exported as int8
             (default: a note in the report and a warning).
         num_threads: CPU threads of the checking predictor.
+        formats: what to write besides ``path.quant.json``: ``'paddle'`` (always) and
+            ``'openvino'`` (``path.xml`` + ``path.bin``, OpenVINO IR converted from the Paddle
+            model, int8 weights kept int8; the self-check also runs it on OpenVINO's CPU plugin
+            and records its agreement and the precision each convolution runs in). Needs the
+            ``qtrainer[openvino]`` extra.
 
     Returns:
         an ``ExportReport`` (also written as ``path.quant.json``).
@@ -152,7 +177,7 @@ def export_quantized_model(
                            search_time_limit=search_time_limit, on_failure=on_failure, strict_int8=strict_int8,
                            num_threads=num_threads),
         overwrite=overwrite, run_id=run_id, keep_float=keep_float, fake_quant_layers=fake_quant_layers,
-        clip_activations=clip_activations,
+        clip_activations=clip_activations, formats=tuple(formats) if isinstance(formats, list) else formats,
     )
     return _export(model, path, input_spec, sample_inputs, options)
 
@@ -206,6 +231,8 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
                 if passed:
                     floated, clipped = _int8_with_clip(exporter, plans, floated, forced, deadline)
         final = exporter.attempt(floated, clipped, run_check=checking.check)
+        for name, plan in plans.items():
+            plan.float_output = name in final.float_output
         mark_fallback(plans, final.floated, final.clipped, forced)
         report = ExportReport(
             path=prefix,
@@ -217,6 +244,8 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
             attempts=[a.to_dict() for a in exporter.attempts],
             run_id=options.run_id,
         )
+        if "openvino" in options.formats:
+            report.openvino = _write_openvino(final, context)
         _log_check(report, prefix, checking.on_failure)
         publish_export(final.directory, prefix, report)
         report.written = published = True
@@ -228,8 +257,29 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
     return report
 
 
+def _write_openvino(final: "_Attempt", context: "_Context") -> dict[str, Any]:
+    """Convert the chosen attempt to OpenVINO IR beside it; check it like the Paddle model."""
+    from qtrainer.quant.export.openvino import check_openvino, convert_openvino
+
+    stem = os.path.join(final.directory, "model")
+    convert_openvino(stem, stem + ".xml")
+    if final.result is None:
+        return {"checked": False}
+    options = context.check
+    return check_openvino(stem + ".xml", context.batches, context.reference, options.max_rel_l2,
+                          options.min_agreement, options.num_threads,
+                          expected_int8_ops=final.result.expected_int8_ops)
+
+
 def _log_check(report: ExportReport, prefix: str, on_failure: str) -> None:
     """Warn about the check's notes and caveats; raise ``ExportCheckError`` when it failed (``'raise'``)."""
+    openvino = report.openvino
+    if openvino is not None and openvino.get("passed") is False:
+        message = (f"export {prefix}: the OpenVINO model disagrees with the simulation or does not run "
+                   f"int8: {'; '.join(openvino.get('failures', [])) or openvino}")
+        if on_failure == "raise":
+            raise ExportCheckError(message + " (nothing written; on_failure='write' writes it anyway)", report)
+        logger.error("%s (written anyway: on_failure='write')", message)
     check = report.check
     if check is None:
         return
@@ -337,6 +387,7 @@ class _Attempt:
     directory: str
     result: CheckResult | None
     seconds: float
+    float_output: frozenset = frozenset()  # int8 convs traced with an fp32 output (residual barrier)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -356,8 +407,8 @@ class _Exporter:
         self.order = context.order
         self.attempts: list[_Attempt] = []
         self._cache: dict[tuple[frozenset, frozenset], _Attempt] = {}
-        # both found in the first traced program (``save``)
-        self.residual_convs: set[str] | None = None  # int8 convs feeding a residual add
+        # both read from the traced programs (``save``); the last attempt's
+        self.residual_convs: set[str] = set()  # int8 convs kept fp32-output before a residual add
         self.fused_unsigned: set[str] = set()  # int8 layers whose unsigned input needs no no-op relu
 
     def order_all(self) -> list[str]:
@@ -385,30 +436,32 @@ class _Exporter:
         return model
 
     def save(self, model: nn.Layer, directory: str) -> None:
-        """Trace and save ``model``, with the two decisions read from the first traced program.
+        """Trace and save ``model``, with the two decisions read from its own traced program.
 
-        Int8 convolutions that feed a residual add get an fp32 output (``residual_conv_weights``);
-        int8 layers whose unsigned input Paddle fuses into a conv + relu/relu6 get no no-op relu
-        (``fused_unsigned_inputs``). The first attempt traces twice when either set is not empty.
+        Int8 convolutions before a residual add that Paddle must not fuse get an fp32 output
+        (``residual_conv_weights``); int8 layers whose unsigned input Paddle fuses into a conv +
+        relu/relu6 get no no-op relu (``fused_unsigned_inputs``). Both depend on which layers are
+        int8 in this attempt, so every attempt checks them on its program and traces again when
+        they changed (the analysis reads the same sets from a program already traced with them).
         """
         int8_layers = [layer for layer in model.sublayers() if isinstance(layer, tuple(INT8_TYPES.values()))]
-        if self.residual_convs is None:
+        for _ in range(3):
+            for layer in int8_layers:
+                layer.float_output = isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
+                layer.unsigned_by_fusion = layer.export_name in self.fused_unsigned
             self._trace(model, directory)
             ops = read_program_ops(os.path.join(directory, "model.pdmodel"))
             weights = residual_conv_weights(ops)
-            self.residual_convs = {layer.export_name for layer in int8_layers
-                                   if isinstance(layer, Int8Conv2D) and layer.weight_int8.name in weights}
-            for name in self.residual_convs:
-                self.plans[name].float_output = True
+            residual = {layer.export_name for layer in int8_layers
+                        if isinstance(layer, Int8Conv2D) and layer.weight_int8.name in weights}
             scales = fused_unsigned_inputs(ops)
-            self.fused_unsigned = {layer.export_name for layer in int8_layers if layer.act_scale.name in scales
-                                   and not self.plans[layer.export_name].act_signed}
-            if not self.residual_convs and not self.fused_unsigned:
-                return
-        for layer in int8_layers:
-            layer.float_output = isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
-            layer.unsigned_by_fusion = layer.export_name in self.fused_unsigned
-        self._trace(model, directory)
+            unsigned = {layer.export_name for layer in int8_layers if layer.act_scale.name in scales
+                        and not self.plans[layer.export_name].act_signed}
+            if (residual, unsigned) == (self.residual_convs, self.fused_unsigned):
+                break
+            self.residual_convs, self.fused_unsigned = residual, unsigned
+        else:
+            raise RuntimeError("export: the residual/unsigned decisions did not settle after three traces")
 
     def _trace(self, model: nn.Layer, directory: str) -> None:
         prefix = os.path.join(directory, "model")
@@ -435,7 +488,8 @@ class _Exporter:
             result = self._check(directory, floated)
             logger.info("export check, fake-quant %s, clipped %s: %s", sorted(floated) or "none",
                         sorted(clipped) or "none", result.summary())
-        record = _Attempt(floated, clipped, directory, result, time.monotonic() - start)
+        record = _Attempt(floated, clipped, directory, result, time.monotonic() - start,
+                          frozenset(self.residual_convs))
         self.attempts.append(record)
         self._cache[key] = record
         return record

@@ -106,7 +106,9 @@ def observe_layers(work: nn.Layer, quanted: dict[str, QuantedLayer], batches) ->
         return hook
 
     for name, layer in quanted.items():
-        target = layer.act_quanter if (layer.act_preprocess is not None and not layer.act_pact) else layer
+        # the quanter sees the raw input, also where a residual block quantizes it for the layer
+        user_preprocess = layer.act_preprocess is not None and not layer.act_pact
+        target = layer.act_quanter if (user_preprocess or layer.input_quantized_outside) else layer
         handles.append(target.register_forward_pre_hook(make_hook(name)))
     outputs: list[list[np.ndarray]] = []
     try:

@@ -1,7 +1,7 @@
 """The legacy-program ops the export emits while ``paddle.jit.save`` traces, and one graph query.
 
 ``append_quant_op`` (``quantize_linear`` / ``dequantize_linear``), ``append_round`` (``floor(x + 0.5)``),
-``residual_conv_weights`` (the convolutions whose output goes only to a residual add) and
+``residual_conv_weights`` (the convolutions before a residual add that Paddle must not fuse) and
 ``fused_unsigned_inputs`` (the quantized inputs that Paddle's conv + relu/relu6 fusion already
 marks unsigned); see ``docs/export-format.md``.
 """
@@ -53,41 +53,69 @@ def append_round(x):
 
 
 def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
-    """Weight variables of the ``conv2d`` ops whose output goes only to a residual add.
+    """Weight variables of the ``conv2d`` ops that must keep an fp32 output before a residual add.
 
-    The pattern is ``conv2d [-> bias add] [-> batch_norm] -> elementwise_add`` of two tensors
-    computed from the input, each step the single consumer of the previous one. A bias add (one
-    side computed from parameters only) is looked through. A conv's weight is the ``X`` of the
+    The pattern is ``conv2d [-> scale] [-> bias add] [-> batch_norm] -> elementwise_add`` of two
+    tensors computed from the input, each step the single consumer of the previous one (a
+    ``scale`` is the barrier this function asks for; a bias add, one side computed from
+    parameters only, is looked through). Paddle fuses such a conv with the add and quantizes the
+    other input (``ResidualData``) on its own scale. That is what the simulation computes, and the
+    conv may stay fused, when the other input is a ``dequantize_linear`` output (the residual
+    block's quantized input, ``qtrainer.quant.transforms.residual``) and the add's output, through
+    an optional ``relu``, is read by ``quantize_linear`` ops only (Paddle needs the output scale).
+    Every other residual conv is returned. A conv's weight is the ``X`` of the
     ``dequantize_linear`` that feeds its ``Filter``.
     """
     consumers: dict[str, list[Any]] = {}
+    producer: dict[str, Any] = {}
     computed: set[str] = set()  # depends on the input (the ops are in program order)
     for op in ops:
         inputs = [name for names in op.inputs.values() for name in names]
         for name in inputs:
             consumers.setdefault(name, []).append(op)
+        for names in op.outputs.values():
+            for name in names:
+                producer[name] = op
         if op.type == "feed" or any(name in computed for name in inputs):
             computed.update(name for names in op.outputs.values() for name in names)
 
-    def feeds_residual_add(var: str) -> bool:
+    def residual_add(var: str) -> tuple[Any, str] | None:
+        """The residual add ``var`` flows into, and the add's other input."""
         users = consumers.get(var, [])
         if len(users) != 1:
-            return False
+            return None
         user = users[0]
         if user.type == "elementwise_add":
             others = [n for n in (*user.inputs.get("X", []), *user.inputs.get("Y", [])) if n != var]
             if others and all(n in computed for n in others):
-                return True
-            return feeds_residual_add(user.outputs["Out"][0])  # a bias add
-        return user.type == "batch_norm" and feeds_residual_add(user.outputs["Y"][0])
+                return user, others[0]
+            return residual_add(user.outputs["Out"][0])  # a bias add
+        if user.type == "batch_norm":
+            return residual_add(user.outputs["Y"][0])
+        if user.type == "scale":
+            return residual_add(user.outputs["Out"][0])
+        return None
+
+    def quantized_readers_only(var: str) -> bool:
+        users = consumers.get(var, [])
+        if len(users) == 1 and users[0].type == "relu":
+            users = consumers.get(users[0].outputs["Out"][0], [])
+        return bool(users) and all(u.type == "quantize_linear" for u in users)
+
+    def fuses(add: Any, other: str) -> bool:
+        source = producer.get(other)
+        return (source is not None and source.type == "dequantize_linear"
+                and quantized_readers_only(add.outputs["Out"][0]))
 
     dequantized = {op.outputs["Y"][0]: op.inputs["X"][0] for op in ops if op.type == "dequantize_linear"}
-    return {
-        dequantized[op.inputs["Filter"][0]]
-        for op in ops
-        if op.type == "conv2d" and op.inputs["Filter"][0] in dequantized
-        and feeds_residual_add(op.outputs["Output"][0])
-    }
+    found = set()
+    for op in ops:
+        if op.type != "conv2d" or op.inputs["Filter"][0] not in dequantized:
+            continue
+        target = residual_add(op.outputs["Output"][0])
+        if target is not None and not fuses(*target):
+            found.add(dequantized[op.inputs["Filter"][0]])
+    return found
 
 
 #: Activations that Paddle fuses into a convolution and then counts as unsigned outputs

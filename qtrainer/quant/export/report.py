@@ -71,6 +71,7 @@ class ExportReport:
     written: bool = False
     run_id: str | None = None  # the run that wrote it (the callbacks replace their own export on resume)
     sha256: dict[str, str] = field(default_factory=dict)  # {file name: hex}, what the loaders verify
+    openvino: dict[str, Any] | None = None  # the OpenVINO IR's check (formats=('paddle', 'openvino'))
 
     @property
     def int8_layers(self) -> list[str]:
@@ -104,6 +105,7 @@ class ExportReport:
                 "sample_source": self.sample_source,
             },
             "attempts": self.attempts,
+            "openvino": self.openvino,
         }
 
     def summary(self) -> str:
@@ -116,4 +118,14 @@ class ExportReport:
                 lines.append(f"  {layer.export}: {layer.name} ({layer.reason})")
         if self.check is not None:
             lines.append(f"  self-check vs dygraph ({self.sample_source} samples): {self.check.summary()}")
+        ov = self.openvino
+        if ov and ov.get("samples") is not None:
+            precisions = ov.get("precisions", {})
+            lines.append(
+                f"  OpenVINO {ov.get('openvino')}: rel_l2={ov['rel_l2']:.4g} top1_agreement="
+                + ("n/a" if ov.get("top1_agreement") is None else f"{ov['top1_agreement']:.2%}")
+                + f", {precisions.get('int8_compute')} compute node(s) int8, "
+                f"{precisions.get('float_convolutions')} convolution(s) float"
+                + ("" if ov.get("passed") else " -- FAILED")
+            )
         return "\n".join(lines)

@@ -62,6 +62,7 @@ from qtrainer.quant.observers.absmax import (
 from qtrainer.quant.quanters.fake_quant import FakeQuanter
 from qtrainer.quant.quanters.fused import FusedAbsMaxQuanter
 from qtrainer.quant.quanters.pact import PACT, PACTQuanter
+from qtrainer.quant.transforms.residual import enable_residual_quantization
 
 __all__ = [
     "QuantedLayer",
@@ -123,13 +124,21 @@ class QuantedLayer(nn.Layer):
     def weight_pact(self) -> bool:
         return isinstance(self.weight_preprocess, PACT)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    #: True when a residual block quantizes this layer's input before calling it
+    #: (``qtrainer.quant.transforms.residual``); the layer then uses its input as it is.
+    input_quantized_outside = False
+
+    def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The layer input as the layer quantizes it (activation preprocess, then quanter)."""
         if self.act_pact:  # built-in PACT: clip and quantize in one fused step, same result
-            x = self.act_quanter.clip_and_quantize(x)
-        else:
-            if self.act_preprocess is not None:
-                x = self.act_preprocess(x)
-            x = self.act_quanter(x)
+            return self.act_quanter.clip_and_quantize(x)
+        if self.act_preprocess is not None:
+            x = self.act_preprocess(x)
+        return self.act_quanter(x)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if not self.input_quantized_outside:
+            x = self.quantize_input(x)
         w = self.weight
         if self.weight_preprocess is not None:
             w = self.weight_preprocess(w)
@@ -462,5 +471,7 @@ def quantize_model(
             f"{', '.join(types)} (quantizable_layer_type; supported: "
             f"{', '.join(SUPPORTED_LAYER_TYPES)}); the model contains: {found}{detail}"
         )
+    if config.quantize_residual_inputs:
+        enable_residual_quantization(model)
     logger.info("quantized %d layer(s) of %s", len(result), type(model).__name__)
     return result

@@ -263,14 +263,16 @@ class SmallResNet(nn.Layer):
 
 
 @pytest.mark.slow
-def test_residual_adds_stay_float_and_every_conv_runs_int8(fmnist, tmp_path, monkeypatch):
-    """Convs feeding a residual add (directly or through a batch norm) end in a no-op Paddle does
-    not fuse through: all layers run int8 and the deployment matches the simulation. Without it
-    Paddle fuses conv + add and runs some of those convs in float on an unquantized input."""
+def test_residual_adds_fuse_where_the_identity_is_quantized(fmnist, tmp_path, monkeypatch):
+    """A block whose identity input is quantized (``quantize_residual_inputs``, the default) fuses
+    conv + add in Paddle and matches the simulation; the projection block's add (a float identity)
+    keeps its convs in float output behind a no-op Paddle does not fuse through. Without either,
+    Paddle fuses conv + add on an unquantized input and the deployment leaves the simulation."""
     images, labels, _, _ = fmnist
     paddle.seed(0)
     net = train(SmallResNet(), images, labels, 60, 2e-3)
     fp32 = copy.deepcopy(net)
+    baseline = copy.deepcopy(net)
     QAT().quantize(net)
     train(net, images, labels, 20, 5e-4, seed=1)
     # the stem (signed input: s8 kernels are inexact without VNNI) as fake-quant, as the self-check would
@@ -278,11 +280,22 @@ def test_residual_adds_stay_float_and_every_conv_runs_int8(fmnist, tmp_path, mon
                    fake_quant_layers=["stem.0"])
     report = export_quantized_model(net, str(tmp_path / "res"), **options)
     flagged = {e.name for e in report.layers if e.float_output}
-    assert flagged == {"block1.conv2", "block2.conv2", "block2.downsample.0"}
+    assert flagged == {"block2.conv2", "block2.downsample.0"}
     assert report.passed and sum(report.check.int8_ops.values()) == len(report.int8_layers) == 6
     assert report.check.rel_l2 < 0.01 and report.check.top1_agreement >= 0.995
-    ops = read_program_ops(str(tmp_path / "res.pdmodel"))
-    assert sum(op.type == "scale" for op in ops) >= 3
+    graph: dict = {}
+    load_int8_predictor(str(tmp_path / "res"), graph=graph)
+    assert graph["conv +residual"] == 1  # block1's conv2 + add (+ relu) run as one int8 kernel
+
+    # the float identity (the option off): every residual conv keeps the barrier, as before
+    QAT({"quantize_residual_inputs": False}).quantize(baseline)
+    train(baseline, images, labels, 20, 5e-4, seed=1)
+    plain = export_quantized_model(baseline, str(tmp_path / "plain"), **options)
+    assert {e.name for e in plain.layers if e.float_output} == {"block1.conv2", "block2.conv2", "block2.downsample.0"}
+    assert plain.passed and plain.check.rel_l2 < 0.01
+    plain_graph: dict = {}
+    load_int8_predictor(str(tmp_path / "plain"), graph=plain_graph)
+    assert plain_graph["conv +residual"] == 0 and plain_graph["scale"] == graph["scale"] + 1
 
     # PTQ folds the batch norms into biased convs: the bias add is not a residual add
     from qtrainer.quant.methods.ptq import PTQ, calibrate
