@@ -34,6 +34,7 @@ from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, p
 from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
 from qtrainer.quant.export.report import ExportCheckError, ExportReport, LayerExport
 from qtrainer.quant.export.samples import check_batches_match, dry_run, normalise_spec, spec_dict
+from qtrainer.quant.export.speed import measure_speed, slow_int8_warning
 from qtrainer.quant.export.selfcheck import CheckResult, compare_samples, find_culprits, judge, sample_batches
 from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
 
@@ -60,8 +61,11 @@ class CheckOptions:
     on_failure: str = "raise"
     strict_int8: bool = False
     num_threads: int = 1
+    measure_speed: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.measure_speed, bool):
+            raise ValueError(f"measure_speed={self.measure_speed!r} must be True or False")
         if not (isinstance(self.min_agreement, (int, float)) and 0.0 <= self.min_agreement <= 1.0):
             raise ValueError(f"min_agreement={self.min_agreement!r} must be a number in [0, 1]")
         if not (isinstance(self.max_rel_l2, (int, float)) and self.max_rel_l2 >= 0.0):
@@ -129,6 +133,7 @@ def export_quantized_model(
     strict_int8: bool = False,
     num_threads: int = 1,
     formats: Sequence[str] = ("paddle",),
+    measure_speed: bool = True,
 ) -> ExportReport:
     """Export a quantized ``model`` for Paddle Inference int8 on CPU and check it; see the module docstring.
 
@@ -163,6 +168,10 @@ def export_quantized_model(
         strict_int8: fail the check when Paddle runs fewer int8 ops than layers exported as int8
             (default: a note in the report and a warning).
         num_threads: CPU threads of the checking predictor.
+        measure_speed: time the exported int8 model against the same model in float on this
+            machine (Paddle Inference, batch 1, ``num_threads``; about a second) and warn, naming
+            the layers that keep it from running int8 end to end, when int8 is not faster. The
+            figures go into the report (``speed``).
         formats: what to write besides ``path.quant.json``: ``'paddle'`` (always) and
             ``'openvino'`` (``path.xml`` + ``path.bin``, OpenVINO IR converted from the Paddle
             model, int8 weights kept int8; the self-check also runs it on OpenVINO's CPU plugin
@@ -175,7 +184,7 @@ def export_quantized_model(
     options = ExportOptions(
         check=CheckOptions(check=check, min_agreement=min_agreement, max_rel_l2=max_rel_l2, fallback=fallback,
                            search_time_limit=search_time_limit, on_failure=on_failure, strict_int8=strict_int8,
-                           num_threads=num_threads),
+                           num_threads=num_threads, measure_speed=measure_speed),
         overwrite=overwrite, run_id=run_id, keep_float=keep_float, fake_quant_layers=fake_quant_layers,
         clip_activations=clip_activations, formats=tuple(formats) if isinstance(formats, list) else formats,
     )
@@ -244,6 +253,8 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
             attempts=[a.to_dict() for a in exporter.attempts],
             run_id=options.run_id,
         )
+        if checking.measure_speed:
+            report.speed = exporter.measure_speed(final)
         if "openvino" in options.formats:
             report.openvino = _write_openvino(final, context)
         _log_check(report, prefix, checking.on_failure)
@@ -505,6 +516,27 @@ class _Exporter:
         return judge(comparison.samples, comparison.rel_l2, comparison.top1_agreement, counts,
                      expected, options.min_agreement, options.max_rel_l2, options.strict_int8,
                      comparison=comparison, caveats=context.caveats + _tie_caveat(comparison))
+
+    def measure_speed(self, final: _Attempt) -> dict[str, Any]:
+        """The chosen attempt's int8 latency against the same model in float (``speed.measure_speed``)."""
+        float_dir = os.path.join(self.context.staging, "float")
+        os.makedirs(float_dir, exist_ok=True)
+        model = copy.deepcopy(self.context.work)
+        swap = {id(layer): layer.layer for _, layer in iter_quanted_layers(model)}
+        for parent in [model, *model.sublayers()]:
+            for attr, child in list(parent._sub_layers.items()):
+                if child is not None and id(child) in swap:
+                    parent._sub_layers[attr] = swap[id(child)]
+        self._trace(model, float_dir)
+        batch = [np.ascontiguousarray(a[:1]) for a in self.context.batches[0]]
+        speed = measure_speed(os.path.join(final.directory, "model"), os.path.join(float_dir, "model"), batch,
+                              num_threads=self.context.check.num_threads)
+        kept = [n for n in self.order_all() if self.plans[n].export != "int8" or n in final.floated]
+        warning = slow_int8_warning(speed, kept, sorted(final.float_output))
+        if warning:
+            speed["warning"] = warning
+            logger.warning("export: %s", warning)
+        return speed
 
     def fails(self, floated: frozenset, clipped: frozenset = frozenset()) -> bool:
         """True while the deployed outputs miss the thresholds (``floated`` as fake-quant layers)."""

@@ -72,6 +72,7 @@ class ExportReport:
     run_id: str | None = None  # the run that wrote it (the callbacks replace their own export on resume)
     sha256: dict[str, str] = field(default_factory=dict)  # {file name: hex}, what the loaders verify
     openvino: dict[str, Any] | None = None  # the OpenVINO IR's check (formats=('paddle', 'openvino'))
+    speed: dict[str, Any] | None = None  # int8 vs fp32 latency on this machine (measure_speed)
 
     @property
     def int8_layers(self) -> list[str]:
@@ -106,6 +107,7 @@ class ExportReport:
             },
             "attempts": self.attempts,
             "openvino": self.openvino,
+            "speed": self.speed,
         }
 
     def summary(self) -> str:
@@ -118,6 +120,10 @@ class ExportReport:
                 lines.append(f"  {layer.export}: {layer.name} ({layer.reason})")
         if self.check is not None:
             lines.append(f"  self-check vs dygraph ({self.sample_source} samples): {self.check.summary()}")
+        if self.speed:
+            sp = self.speed
+            lines.append(f"  speed on this machine ({sp['int8_isa']}, batch {sp['batch']}, {sp['num_threads']} "
+                         f"thread(s)): int8 {sp['int8_ms']:.3g} ms, fp32 {sp['fp32_ms']:.3g} ms, x{sp['speedup']}")
         ov = self.openvino
         if ov and ov.get("samples") is not None:
             precisions = ov.get("precisions", {})

@@ -192,3 +192,35 @@ def test_a_failed_save_leaves_the_old_ir(exported, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         qov.write_openvino(prefix)
     _unchanged(tmp_path, old, ["model.pdmodel", "model.pdiparams", "model.xml", "model.bin"])
+
+
+# ---------------------------------------------------------------------- export_quantized_model(formats=...)
+def test_export_writes_and_checks_the_openvino_ir(exported, tmp_path):
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    prefix = str(tmp_path / "both")
+    report = export_quantized_model(exported["net"], prefix, sample_inputs=exported["batches"],
+                                    formats=("paddle", "openvino"), measure_speed=False)
+    assert os.path.isfile(prefix + ".xml") and os.path.isfile(prefix + ".bin")
+    on_disk = json.load(open(prefix + ".quant.json"))
+    assert {"both.xml", "both.bin"} <= set(on_disk["sha256"])  # published and verified with the rest
+    ov = on_disk["openvino"]
+    assert ov["passed"] and ov["rel_l2"] <= 0.05
+    assert ov["precisions"]["int8_compute"] == sum(report.check.int8_ops.values()) == 3
+    assert "OpenVINO" in report.summary()
+    # a Paddle-only export over it removes the IR the new export does not have
+    export_quantized_model(exported["net"], prefix, sample_inputs=exported["batches"], overwrite=True,
+                           measure_speed=False)
+    assert not os.path.exists(prefix + ".xml") and not os.path.exists(prefix + ".bin")
+
+
+def test_export_formats_are_checked_before_any_work(exported, tmp_path, monkeypatch):
+    for formats, message in ((("paddle", "onnxx"), "accepted names"), (("openvino",), "'paddle' must be"),
+                             ("paddle", "must be a tuple")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            export_quantized_model(exported["net"], str(tmp_path / "bad"), sample_inputs=exported["batches"],
+                                   formats=formats)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ImportError, match=r"qtrainer\[openvino\]"):
+        export_quantized_model(exported["net"], str(tmp_path / "bad"), sample_inputs=exported["batches"],
+                               formats=("paddle", "openvino"))
+    assert not any(tmp_path.iterdir())  # nothing written
