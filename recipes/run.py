@@ -20,6 +20,7 @@ them. TensorBoard logs never clash: every run gets its own ``version_N``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -289,19 +290,26 @@ def deployed_runner(s: Settings, prefix: str, int8: bool) -> tuple[Callable[[np.
 
 
 def deployment_results(s: Settings, net, prefix: str, loader, int8: bool = True) -> dict[str, Any]:
-    run, int8_ops = deployed_runner(s, prefix, int8)
+    """The deployed model on ``s.runtime`` against its simulation; with OpenVINO, Paddle Inference's too."""
     simulated, labels = dygraph_logits(s, net, loader)
-    deployed = np.concatenate([run(images.numpy()) for images, _ in _val_batches(s, loader)])
-    rel_l2 = float(np.linalg.norm(deployed - simulated) / max(np.linalg.norm(simulated), 1e-12))
-    return {
-        "runtime": s.runtime,
-        "images": int(len(labels)),
-        "simulated_top1": float((simulated.argmax(1) == labels).mean()),
-        "deployed_top1": float((deployed.argmax(1) == labels).mean()),
-        "agreement_top1": float((deployed.argmax(1) == simulated.argmax(1)).mean()),
-        "rel_l2": rel_l2,
-        **({"int8_ops": dict(int8_ops)} if int8_ops is not None else {}),
-    }
+
+    def measure(settings: Settings) -> dict[str, Any]:
+        run, int8_ops = deployed_runner(settings, prefix, int8)
+        deployed = np.concatenate([run(images.numpy()) for images, _ in _val_batches(settings, loader)])
+        rel_l2 = float(np.linalg.norm(deployed - simulated) / max(np.linalg.norm(simulated), 1e-12))
+        return {
+            "runtime": settings.runtime,
+            "deployed_top1": float((deployed.argmax(1) == labels).mean()),
+            "agreement_top1": float((deployed.argmax(1) == simulated.argmax(1)).mean()),
+            "rel_l2": rel_l2,
+            **({"int8_ops": dict(int8_ops)} if int8_ops is not None else {}),
+        }
+
+    results = {"images": int(len(labels)), "simulated_top1": float((simulated.argmax(1) == labels).mean()),
+               **measure(s)}
+    if s.runtime != "paddle":
+        results["paddle"] = measure(dataclasses.replace(s, runtime="paddle"))
+    return results
 
 
 def export_fp32(net: paddle.nn.Layer, prefix: str, spec) -> None:

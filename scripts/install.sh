@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything qtrainer needs on a fresh Debian/Ubuntu machine: the Fashion-MNIST data
-# (Debian package dataset-fashion-mnist) and the Python package with its test and openvino extras.
+# (Debian package dataset-fashion-mnist) and the Python package with its test, openvino and onnx extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
@@ -12,4 +12,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "install.sh: no apt-get here; put the Fashion-MNIST *-ubyte.gz files in a directory and set QTRAINER_FASHION_MNIST" >&2
   fi
 fi
-python3 -m pip install -q -e ".[test,openvino]"
+python3 -m pip install -q -e ".[test,openvino,onnx]"

@@ -140,3 +140,21 @@ def test_pretrained_file_of_random_bytes_names_the_file(tmp_path):
     path.write_bytes(np.random.RandomState(0).bytes(4096))
     with pytest.raises(SystemExit, match=r"--pretrained '.*noise\.pdparams' is not a Paddle state dict"):
         run.main(["resnet18", "dynamic", "--data", data, "--pretrained", str(path), *args(tmp_path)])
+
+
+@pytest.mark.slow
+def test_openvino_runtime_evaluates_every_method_on_openvino(tmp_path):
+    """``--runtime openvino``: the exports also write the IR, and every deployed number comes from OpenVINO."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'qtrainer[openvino]')")
+    data = write_folder(tmp_path / "data")
+    summary = run.main(["mobilenet_v2", "all", "--max-steps", "2", "--qat-max-steps", "1", "--calib-batches", "1",
+                        "--lr", "1e-6", "--qat-lr", "1e-6", "--width", "0.25", "--data", data, "--runtime", "openvino",
+                        *args(tmp_path)])
+    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
+    for method in ("fp32", "ptq", "qat", "dynamic"):
+        result = json.load(open(tmp_path / "out" / "mobilenet_v2" / method / "results.json"))
+        assert result["runtime"] == "openvino" and result["images"] == 8, method
+    for method in ("ptq", "qat"):
+        result = json.load(open(tmp_path / "out" / "mobilenet_v2" / method / "results.json"))
+        assert result["int8_ops"]["int8_compute"] > 0
+        assert os.path.isfile(tmp_path / "out" / "mobilenet_v2" / method / "export" / "model.xml")

@@ -49,7 +49,7 @@ __all__ = ["STATE_COMPLETE", "STATE_PUBLISHING", "ExportIntegrityError", "sha256
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILES = (".pdmodel", ".pdiparams", ".pdiparams.info", ".xml", ".bin")
+MODEL_FILES = (".pdmodel", ".pdiparams", ".pdiparams.info", ".xml", ".bin", ".onnx")
 JSON_SUFFIX = ".quant.json"
 STATE_PUBLISHING = "publishing"
 STATE_COMPLETE = "complete"

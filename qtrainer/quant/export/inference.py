@@ -44,6 +44,8 @@ __all__ = [
     "create_predictor",
     "load_int8_predictor",
     "int8_graph_summary",
+    "model_files",
+    "as_inputs",
     "run_predictor",
     "predict",
     "read_program_ops",
@@ -66,7 +68,7 @@ INT8_COMPUTE_OPS = (
 _OPTIMIZED_NAME = "_optimized"
 
 
-def _model_files(prefix: str) -> tuple[str, str]:
+def model_files(prefix: str) -> tuple[str, str]:
     """The model and params files at ``prefix``, verified against their export report if it has one
     (``qtrainer.quant.export.files.verify_export``: an interrupted or mixed export is refused)."""
     model, params = prefix + ".pdmodel", prefix + ".pdiparams"
@@ -100,7 +102,7 @@ def make_config(
     if int8 and not mkldnn:
         raise ValueError("int8=True needs mkldnn=True: Paddle's CPU int8 kernels are oneDNN kernels")
     check_positive_int("num_threads", num_threads)
-    model, params = _model_files(prefix)
+    model, params = model_files(prefix)
     config = inference.Config(model, params)
     config.disable_gpu()
     config.set_cpu_math_library_num_threads(num_threads)
@@ -191,14 +193,15 @@ def load_int8_predictor(prefix: str, num_threads: int = 1, graph: dict | None = 
     return predictor, counts
 
 
-def _as_inputs(batch: Any) -> list[np.ndarray]:
+def as_inputs(batch: Any) -> list[np.ndarray]:
+    """One batch as the list of its input arrays (a single array is one input)."""
     items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
     return [np.ascontiguousarray(np.asarray(item)) for item in items]
 
 
 def predict(predictor: Any, batch: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run one batch (an array, or one array per model input) and return every output."""
-    inputs = _as_inputs(batch)
+    inputs = as_inputs(batch)
     names = predictor.get_input_names()
     if len(inputs) != len(names):
         raise ValueError(
@@ -329,7 +332,7 @@ def read_params(prefix: str) -> dict[str, np.ndarray]:
 
     from paddle.base.proto import framework_pb2
 
-    model, params = _model_files(prefix)
+    model, params = model_files(prefix)
     desc = framework_pb2.ProgramDesc()
     with open(model, "rb") as handle:
         desc.ParseFromString(handle.read())

@@ -40,8 +40,8 @@ import numpy as np
 from qtrainer._checks import check_positive_int
 from qtrainer._io import fsync_directory, fsync_file
 from qtrainer.quant.export.files import make_staging_dir, verify_export
-from qtrainer.quant.export.inference import _as_inputs
-from qtrainer.quant.export.selfcheck import compare_samples, judge
+from qtrainer.quant.export.inference import as_inputs, model_files
+from qtrainer.quant.export.selfcheck import judge_runtime
 
 __all__ = [
     "OPENVINO_SUFFIXES",
@@ -87,14 +87,7 @@ def convert_openvino(model_prefix: str, xml_path: str) -> list[str]:
     ov = require_openvino()
     if not xml_path.endswith(".xml"):
         raise ValueError(f"xml_path={xml_path!r} must end with '.xml' (OpenVINO writes the weights beside it as .bin)")
-    model, params = model_prefix + ".pdmodel", model_prefix + ".pdiparams"
-    missing = [p for p in (model, params) if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"no Paddle inference model at prefix {model_prefix!r}: missing {', '.join(missing)} "
-            "(pass the path given to export_quantized_model / paddle.jit.save, without extension)"
-        )
-    verify_export(model_prefix)
+    model, _ = model_files(model_prefix)  # both files there, and verified against their report
     try:
         converted = ov.convert_model(model)
     except Exception as err:  # OpenVINO's conversion errors share no public base class
@@ -183,7 +176,7 @@ def run_openvino(compiled: Any, batches: Iterable[Any]) -> list[np.ndarray]:
     inputs, outputs = list(compiled.inputs), list(compiled.outputs)
     per_output: list[list[np.ndarray]] = [[] for _ in outputs]
     for batch in batches:
-        arrays = _as_inputs(batch)
+        arrays = as_inputs(batch)
         if len(arrays) != len(inputs):
             names = ", ".join(port.get_any_name() for port in inputs)
             raise ValueError(f"the model takes {len(inputs)} input(s) ({names}), got {len(arrays)} array(s)")
@@ -262,17 +255,8 @@ def check_openvino(
     compiled = load_openvino(xml_path, num_threads)
     deployed = run_openvino(compiled, batches)
     precisions = runtime_precisions(compiled)["summary"]
-    int8_ops = {"int8_compute": precisions["int8_compute"]}
-    comparison = compare_samples(deployed, reference, margin_rel_l2=max_rel_l2)
-    expected = precisions["int8_compute"] if expected_int8_ops is None else expected_int8_ops
-    result = judge(comparison.samples, comparison.rel_l2, comparison.top1_agreement, int8_ops,
-                   precisions["int8_compute"], min_agreement, max_rel_l2, comparison=comparison)
-    result.expected_int8_ops = expected
-    if precisions["int8_compute"] != expected:
-        result.notes.append(
-            f"OpenVINO runs {precisions['int8_compute']} compute node(s) in int8 for {expected} layer "
-            f"call(s) exported as int8; float: {', '.join(precisions['float_nodes']) or 'none'}"
-        )
+    result = judge_runtime("OpenVINO", deployed, reference, precisions["int8_compute"], expected_int8_ops,
+                           ", ".join(precisions["float_nodes"]), max_rel_l2, min_agreement)
     return {
         "runtime": "openvino",
         "openvino": ov.__version__,

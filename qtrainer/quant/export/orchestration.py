@@ -43,9 +43,10 @@ __all__ = ["export_quantized_model", "ExportOptions", "CheckOptions"]
 logger = logging.getLogger(__name__)
 
 _ON_FAILURE = ("raise", "write")
-#: What the export can write: the Paddle Inference model (always, the others are made from it)
-#: and the OpenVINO IR (``qtrainer.quant.export.openvino``, the ``qtrainer[openvino]`` extra).
-EXPORT_FORMATS = ("paddle", "openvino")
+#: What the export can write: the Paddle Inference model (always, the others are made from it),
+#: the OpenVINO IR (``qtrainer.quant.export.openvino``, the ``qtrainer[openvino]`` extra) and an
+#: ONNX QDQ model (``qtrainer.quant.export.onnx``, the ``qtrainer[onnx]`` extra).
+EXPORT_FORMATS = ("paddle", "openvino", "onnx")
 _CLIP_CHOICES = ("auto", True, False)
 
 
@@ -100,10 +101,14 @@ class ExportOptions:
                 f"formats={tuple(formats)!r} is not valid: accepted names are {EXPORT_FORMATS}, and "
                 "'paddle' must be among them (the other formats are converted from the Paddle model)"
             )
-        if "openvino" in formats:
+        if "openvino" in formats:  # the extras are checked before the work, not after it
             from qtrainer.quant.export.openvino import require_openvino
 
-            require_openvino()  # before the work, not after it
+            require_openvino()
+        if "onnx" in formats:
+            from qtrainer.quant.export.onnx import require_onnx, require_onnxruntime
+
+            require_onnx(), require_onnxruntime()
         if not (isinstance(self.clip_activations, bool) or self.clip_activations == "auto"):
             raise ValueError(f"clip_activations={self.clip_activations!r} is not valid: use one of {_CLIP_CHOICES}")
         for argument in ("keep_float", "fake_quant_layers"):
@@ -175,8 +180,10 @@ def export_quantized_model(
         formats: what to write besides ``path.quant.json``: ``'paddle'`` (always) and
             ``'openvino'`` (``path.xml`` + ``path.bin``, OpenVINO IR converted from the Paddle
             model, int8 weights kept int8; the self-check also runs it on OpenVINO's CPU plugin
-            and records its agreement and the precision each convolution runs in). Needs the
-            ``qtrainer[openvino]`` extra.
+            and records its agreement and the precision each convolution runs in; the
+            ``qtrainer[openvino]`` extra) and ``'onnx'`` (``path.onnx``, an ONNX QDQ model of the
+            same int8 program, opset 13, checked on onnxruntime like the Paddle model, with the
+            count of its int8 kernels; the ``qtrainer[onnx]`` extra).
 
     Returns:
         an ``ExportReport`` (also written as ``path.quant.json``).
@@ -257,6 +264,8 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
             report.speed = exporter.measure_speed(final)
         if "openvino" in options.formats:
             report.openvino = _write_openvino(final, context)
+        if "onnx" in options.formats:
+            report.onnx = _write_onnx(final, context)
         _log_check(report, prefix, checking.on_failure)
         publish_export(final.directory, prefix, report)
         report.written = published = True
@@ -277,20 +286,43 @@ def _write_openvino(final: "_Attempt", context: "_Context") -> dict[str, Any]:
     if final.result is None:
         return {"checked": False}
     options = context.check
-    return check_openvino(stem + ".xml", context.batches, context.reference, options.max_rel_l2,
-                          options.min_agreement, options.num_threads,
-                          expected_int8_ops=final.result.expected_int8_ops)
+    result = check_openvino(stem + ".xml", context.batches, context.reference, options.max_rel_l2,
+                            options.min_agreement, options.num_threads,
+                            expected_int8_ops=final.result.expected_int8_ops)
+    result.pop("model", None)  # the staging path; the file is published beside the Paddle model
+    return result
+
+
+def _write_onnx(final: "_Attempt", context: "_Context") -> dict[str, Any]:
+    """Convert the chosen attempt to ONNX beside it; check it on onnxruntime like the Paddle model."""
+    from qtrainer.quant.export.onnx import check_onnx, convert_to_onnx
+
+    stem = os.path.join(final.directory, "model")
+    conversion = convert_to_onnx(stem, stem + ".onnx", calibration=context.batches)
+    summary = {"conversion": {k: v for k, v in conversion.items() if k != "path"}}
+    if final.result is None:
+        return {**summary, "checked": False}
+    options = context.check
+    expected = final.result.expected_int8_ops
+    result = check_onnx(stem + ".onnx", context.batches, context.reference, options.max_rel_l2,
+                        options.min_agreement, options.num_threads, expected_int8_ops=expected)
+    result.pop("model", None)  # the staging path; the file is published beside the Paddle model
+    return {**summary, **result}
 
 
 def _log_check(report: ExportReport, prefix: str, on_failure: str) -> None:
     """Warn about the check's notes and caveats; raise ``ExportCheckError`` when it failed (``'raise'``)."""
-    openvino = report.openvino
-    if openvino is not None and openvino.get("passed") is False:
-        message = (f"export {prefix}: the OpenVINO model disagrees with the simulation or does not run "
-                   f"int8: {'; '.join(openvino.get('failures', [])) or openvino}")
-        if on_failure == "raise":
-            raise ExportCheckError(message + " (nothing written; on_failure='write' writes it anyway)", report)
-        logger.error("%s (written anyway: on_failure='write')", message)
+    for runtime, result in (("OpenVINO", report.openvino), ("ONNX (onnxruntime)", report.onnx)):
+        if result is None:
+            continue
+        if result.get("notes"):
+            logger.warning("export %s, %s model: %s", prefix, runtime, "; ".join(result["notes"]))
+        if result.get("passed") is False:
+            message = (f"export {prefix}: the {runtime} model disagrees with the simulation: "
+                       f"{'; '.join(result.get('failures', [])) or result}")
+            if on_failure == "raise":
+                raise ExportCheckError(message + " (nothing written; on_failure='write' writes it anyway)", report)
+            logger.error("%s (written anyway: on_failure='write')", message)
     check = report.check
     if check is None:
         return

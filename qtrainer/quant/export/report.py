@@ -73,6 +73,7 @@ class ExportReport:
     sha256: dict[str, str] = field(default_factory=dict)  # {file name: hex}, what the loaders verify
     openvino: dict[str, Any] | None = None  # the OpenVINO IR's check (formats=('paddle', 'openvino'))
     speed: dict[str, Any] | None = None  # int8 vs fp32 latency on this machine (measure_speed)
+    onnx: dict[str, Any] | None = None  # the ONNX model's conversion and check (formats=(..., 'onnx'))
 
     @property
     def int8_layers(self) -> list[str]:
@@ -108,6 +109,7 @@ class ExportReport:
             "attempts": self.attempts,
             "openvino": self.openvino,
             "speed": self.speed,
+            "onnx": self.onnx,
         }
 
     def summary(self) -> str:
@@ -124,14 +126,12 @@ class ExportReport:
             sp = self.speed
             lines.append(f"  speed on this machine ({sp['int8_isa']}, batch {sp['batch']}, {sp['num_threads']} "
                          f"thread(s)): int8 {sp['int8_ms']:.3g} ms, fp32 {sp['fp32_ms']:.3g} ms, x{sp['speedup']}")
-        ov = self.openvino
-        if ov and ov.get("samples") is not None:
-            precisions = ov.get("precisions", {})
-            lines.append(
-                f"  OpenVINO {ov.get('openvino')}: rel_l2={ov['rel_l2']:.4g} top1_agreement="
-                + ("n/a" if ov.get("top1_agreement") is None else f"{ov['top1_agreement']:.2%}")
-                + f", {precisions.get('int8_compute')} compute node(s) int8, "
-                f"{precisions.get('float_convolutions')} convolution(s) float"
-                + ("" if ov.get("passed") else " -- FAILED")
-            )
+        for runtime, result, key in (("OpenVINO", self.openvino, "precisions"), ("onnxruntime", self.onnx, None)):
+            if not result or result.get("samples") is None:
+                continue
+            agreement = "n/a" if result.get("top1_agreement") is None else f"{result['top1_agreement']:.2%}"
+            int8 = (result.get(key, {}).get("int8_compute") if key else result.get("int8_ops_total"))
+            lines.append(f"  {runtime}: rel_l2={result['rel_l2']:.4g} top1_agreement={agreement}, {int8} int8 "
+                         f"kernel(s) for {result.get('expected_int8_ops')} int8 layer call(s)"
+                         + ("" if result.get("passed") else " -- FAILED"))
         return "\n".join(lines)

@@ -453,3 +453,24 @@ def find_culprits(
 
 def _late(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
+
+
+def judge_runtime(runtime: str, deployed: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                  int8_found: int, expected_int8_ops: int | None, float_nodes: str,
+                  max_rel_l2: float, min_agreement: float) -> CheckResult:
+    """The self-check's verdict on another runtime's outputs (OpenVINO, onnxruntime).
+
+    ``int8_found`` compute nodes ran int8 there; fewer than ``expected_int8_ops`` (the export's
+    int8 layer calls) is a note naming ``float_nodes``, not a failure.
+    """
+    comparison = compare_samples(deployed, reference, margin_rel_l2=max_rel_l2)
+    result = judge(comparison.samples, comparison.rel_l2, comparison.top1_agreement, {"int8_compute": int8_found},
+                   int8_found, min_agreement, max_rel_l2, comparison=comparison)
+    expected = int8_found if expected_int8_ops is None else expected_int8_ops
+    result.expected_int8_ops = expected
+    if int8_found != expected:
+        result.notes.append(
+            f"{runtime} runs {int8_found} compute node(s) in int8 for {expected} layer call(s) exported as "
+            f"int8; float: {float_nodes or 'none'}"
+        )
+    return result

@@ -1,0 +1,238 @@
+"""ONNX conversion of the int8 export: int8 kernels in onnxruntime, agreement with the simulation, errors."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+pytest.importorskip("onnx", reason="onnx is not installed (pip install 'qtrainer[onnx]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'qtrainer[onnx]')")
+
+from qtrainer.quant.export import export_quantized_model  # noqa: E402
+from qtrainer.quant.export import onnx as qonnx  # noqa: E402
+from qtrainer.quant.methods.qat import QAT  # noqa: E402
+from qtrainer.quant.transforms.wrap import quantize_model  # noqa: E402
+from tests.quant.export.test_orchestration import (  # noqa: E402,F401  (fmnist is a fixture)
+    SmallResNet, cnn, dygraph, fmnist, samples, train,
+)
+
+
+def _qat(fmnist, net: nn.Layer, qat_steps: int) -> nn.Layer:
+    images, labels, _, _ = fmnist
+    paddle.seed(0)
+    train(net, images, labels, 60, 2e-3)
+    QAT().quantize(net)
+    return train(net, images, labels, qat_steps, 5e-4, seed=1)
+
+
+def _export(fmnist, net, directory) -> dict:
+    batches = samples(fmnist)
+    prefix = str(directory / "model")
+    report = export_quantized_model(net, prefix, sample_inputs=batches)
+    assert report.passed, report.summary()
+    return {"prefix": prefix, "report": report, "net": net, "batches": [[b] for b in batches],
+            "reference": [dygraph(net, batches)], "dir": directory}
+
+
+@pytest.fixture(scope="module")
+def cnn_export(fmnist, tmp_path_factory):
+    """The two-conv + two-Linear QAT net of test_orchestration, exported int8."""
+    return _export(fmnist, _qat(fmnist, cnn(), 40), tmp_path_factory.mktemp("onnx_cnn"))
+
+
+@pytest.fixture(scope="module")
+def resnet_export(fmnist, tmp_path_factory):
+    """A stem and two ResNet basic blocks (one with a downsample branch), exported int8."""
+    return _export(fmnist, _qat(fmnist, SmallResNet(), 20), tmp_path_factory.mktemp("onnx_resnet"))
+
+
+def _check(exported, path):
+    report = exported["report"]
+    return qonnx.check_onnx(path, exported["batches"], exported["reference"], max_rel_l2=report.check.max_rel_l2,
+                            min_agreement=report.check.min_agreement, expected_int8_ops=report.check.expected_int8_ops)
+
+
+# ---------------------------------------------------------------------- the main path
+def test_cnn_runs_every_layer_int8_and_agrees(cnn_export):
+    path = str(cnn_export["dir"] / "model.onnx")
+    info = qonnx.convert_to_onnx(cnn_export["prefix"], path)
+    report = cnn_export["report"]
+    assert info["int8_layers"] == len(report.int8_layers) == 4 and info["folded_batch_norms"] == 2
+    assert info["float_outputs"] == []  # the convs' outputs reach their next Q through relu/max pool only
+    result = _check(cnn_export, path)
+    assert result["passed"], result["failures"]
+    assert result["rel_l2"] < 0.02 and result["top1_agreement"] >= 0.995
+    graph = result["graph"]
+    assert graph["int8_compute"] == len(report.int8_layers) and graph["float_compute"] == 0
+    assert graph["int8_nodes"] == {"QLinearConv": 2, "QGemm": 2}  # the logits: QGemm with a float output
+    assert result["int8_ok"] and result["notes"] == []
+
+
+def test_resnet_residual_convs_run_int8(resnet_export):
+    """The convs before a residual add get an s8 output Q (calibrated on the samples) so that onnxruntime
+    runs them as QLinearConv; float_outputs='float' leaves them float: closer, fewer int8 nodes."""
+    report = resnet_export["report"]
+    path = str(resnet_export["dir"] / "int8.onnx")
+    info = qonnx.convert_to_onnx(resnet_export["prefix"], path, calibration=resnet_export["batches"])
+    assert info["int8_layers"] == len(report.int8_layers) == 7 and info["float_outputs"] == []
+    calibrated = [v for v in info["quantized_outputs"].values() if "calibrated" in v]
+    assert len(calibrated) == 3  # block1.conv2, block2.conv2, block2.downsample
+    result = _check(resnet_export, path)
+    assert result["passed"], result["failures"]
+    assert result["graph"]["int8_compute"] == len(report.int8_layers) and result["graph"]["float_compute"] == 0
+    assert result["rel_l2"] < 0.03 and result["top1_agreement"] >= 0.995
+
+    exact = str(resnet_export["dir"] / "float.onnx")
+    floated = qonnx.convert_to_onnx(resnet_export["prefix"], exact, float_outputs="float")
+    assert len(floated["float_outputs"]) == 3
+    close = _check(resnet_export, exact)
+    assert close["passed"] and close["rel_l2"] < result["rel_l2"]
+    assert close["graph"]["float_nodes"] == {"Conv": 3} and close["graph"]["int8_compute"] == 4
+    assert not close["int8_ok"] and "float" in close["notes"][0]
+
+
+def test_run_onnxruntime_follows_run_predictor_conventions(cnn_export):
+    path = str(cnn_export["dir"] / "runs.onnx")
+    qonnx.convert_to_onnx(cnn_export["prefix"], path)
+    session = qonnx.load_onnxruntime(path, num_threads=2)
+    images = cnn_export["batches"][0][0]
+    got = qonnx.run_onnxruntime(session, [images[:5], (images[5:8],)])  # an array, or a tuple per input
+    assert [g.shape for g in got] == [(8, 10)] and got[0].dtype == np.float32
+    with pytest.raises(ValueError, match="takes 1 input"):
+        qonnx.run_onnxruntime(session, [(images, images)])
+    with pytest.raises(ValueError, match="num_threads=0"):
+        qonnx.load_onnxruntime(path, num_threads=0)
+
+
+# ---------------------------------------------------------------------- errors
+def _leftovers(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("."))
+
+
+def test_opset_below_13_is_refused(cnn_export, tmp_path):
+    with pytest.raises(ValueError, match=r"opset=12: use an int from 13"):
+        qonnx.convert_to_onnx(cnn_export["prefix"], str(tmp_path / "m.onnx"), opset=12)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_float_outputs_is_refused(cnn_export, tmp_path):
+    with pytest.raises(ValueError, match=r"float_outputs='fp32' is not valid: use one of \('int8', 'float'\)"):
+        qonnx.convert_to_onnx(cnn_export["prefix"], str(tmp_path / "m.onnx"), float_outputs="fp32")
+
+
+def test_a_directory_target_is_refused(cnn_export, tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        qonnx.convert_to_onnx(cnn_export["prefix"], str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_never_quantized_program_is_refused(tmp_path):
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(1, 4, 3), nn.ReLU())
+    prefix = str(tmp_path / "float")
+    with paddle.pir_utils.DygraphOldIrGuard():
+        paddle.jit.save(net, prefix, input_spec=[paddle.static.InputSpec([None, 1, 6, 6], "float32", "x")])
+    paddle.disable_static()
+    with pytest.raises(ValueError, match="the model was never quantized"):
+        qonnx.convert_to_onnx(prefix, str(tmp_path / "m.onnx"))
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_an_unsupported_op_is_named_and_nothing_is_written(tmp_path):
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.LeakyReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    quantize_model(net)
+    batches = [np.random.RandomState(s).rand(8, 1, 6, 6).astype("float32") for s in range(3)]
+    net.train()
+    with paddle.no_grad():
+        for batch in batches:
+            net(paddle.to_tensor(batch))
+    net.eval()
+    prefix = str(tmp_path / "leaky")
+    export_quantized_model(net, prefix, sample_inputs=batches)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old model")
+    with pytest.raises(ValueError, match=r"Paddle op 'leaky_relu' \(output leaky_relu_0\.tmp_0\)"):
+        qonnx.convert_to_onnx(prefix, str(target))
+    assert target.read_bytes() == b"old model" and _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_leaves_no_temporary_file(cnn_export, tmp_path, monkeypatch):
+    import onnx
+
+    real = qonnx._make_model
+
+    class Unwritable:
+        def __init__(self, model):
+            self.graph = model.graph
+
+        def SerializeToString(self):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qonnx, "_make_model", lambda *a, **k: Unwritable(real(*a, **k)))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model: None)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old model")
+    with pytest.raises(OSError, match="No space left"):
+        qonnx.convert_to_onnx(cnn_export["prefix"], str(target))
+    assert target.read_bytes() == b"old model" and _leftovers(tmp_path) == []
+
+
+def test_missing_onnx_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"pip install 'qtrainer\[onnx\]'"):
+        qonnx.require_onnx()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'qtrainer\[onnx\]'"):
+        qonnx.require_onnxruntime()
+
+
+# ---------------------------------------------------------------------- OpenVINO reads the same file
+def test_openvino_runs_the_onnx_model_int8(resnet_export):
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'qtrainer[openvino]')")
+    from qtrainer.quant.export.openvino import run_openvino, runtime_precisions
+    from qtrainer.quant.export.selfcheck import compare_samples
+
+    path = str(resnet_export["dir"] / "ov.onnx")
+    qonnx.convert_to_onnx(resnet_export["prefix"], path, calibration=resnet_export["batches"])
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU",
+                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    summary = runtime_precisions(compiled)["summary"]
+    assert summary["int8_compute"] == len(resnet_export["report"].int8_layers) and summary["float_nodes"] == []
+    comparison = compare_samples(run_openvino(compiled, resnet_export["batches"]), resnet_export["reference"], 0.05)
+    assert comparison.rel_l2 < 0.03 and comparison.top1_agreement >= 0.995
+
+
+# ---------------------------------------------------------------------- export_quantized_model(formats=...)
+def test_export_writes_and_checks_the_onnx_model(fmnist, cnn_export, tmp_path):
+    """``formats=('paddle', 'onnx')``: model.onnx is published and hashed with the Paddle model and checked
+    on onnxruntime in the same export; a Paddle-only export over it removes it."""
+    import json
+
+    first = cnn_export["report"]
+    model = cnn_export["net"]  # the same trained net, exported again with the ONNX model
+    prefix = str(tmp_path / "both")
+    report = export_quantized_model(model, prefix, sample_inputs=samples(fmnist), formats=("paddle", "onnx"),
+                                    measure_speed=False)
+    on_disk = json.load(open(prefix + ".quant.json"))
+    assert "both.onnx" in on_disk["sha256"] and os.path.isfile(prefix + ".onnx")
+    onnx_check = on_disk["onnx"]
+    assert onnx_check["passed"] and onnx_check["int8_ok"]
+    assert onnx_check["graph"]["int8_compute"] == len(report.int8_layers) == len(first.int8_layers)
+    assert "onnxruntime" in report.summary()
+    export_quantized_model(model, prefix, sample_inputs=samples(fmnist), overwrite=True, measure_speed=False)
+    assert not os.path.exists(prefix + ".onnx")
+
+
+def test_export_with_onnx_missing_names_the_extra(cnn_export, fmnist, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"qtrainer\[onnx\]"):
+        export_quantized_model(cnn_export["net"], str(tmp_path / "m"), sample_inputs=samples(fmnist),
+                               formats=("paddle", "onnx"))
+    assert not any(tmp_path.iterdir())
