@@ -79,11 +79,13 @@ class Settings:
     check_time_limit: float = 300.0
     overwrite: bool = False
     runtime: str = "paddle"
+    export_formats: tuple[str, ...] = ()  # written besides the Paddle model ('openvino', 'onnx')
 
     @property
     def export_kwargs(self) -> dict[str, Any]:
         """Recipes write the export even when its self-check fails, and report the check's verdict."""
-        formats = ("paddle", "openvino") if self.runtime == "openvino" else ("paddle",)
+        extra = set(self.export_formats) | ({"openvino"} if self.runtime == "openvino" else set())
+        formats = ("paddle", *sorted(extra))
         return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1,
                 "overwrite": self.overwrite, "formats": formats}
 
@@ -130,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="replace the results of an earlier run in the same --out (refused otherwise, before training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--export", nargs="+", choices=("openvino", "onnx"),
+                        help="also write these formats beside the Paddle model, each checked against the "
+                             "simulation (OpenVINO IR: qtrainer[openvino]; ONNX QDQ: qtrainer[onnx])")
     parser.add_argument("--runtime", default="paddle", choices=("paddle", "openvino"),
                         help="runtime of the deployed evaluation: Paddle Inference (default) or OpenVINO "
                              "(the export also writes the OpenVINO IR; needs qtrainer[openvino])")
@@ -160,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         pretrained=args.pretrained, from_scratch=args.from_scratch, pact=args.pact, weight_bits=args.weight_bits,
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
         train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
-        overwrite=args.overwrite, runtime=args.runtime,
+        overwrite=args.overwrite, runtime=args.runtime, export_formats=tuple(args.export or ()),
     )
 
 
@@ -270,9 +275,16 @@ def deployed_runner(s: Settings, prefix: str, int8: bool) -> tuple[Callable[[np.
 
     ``'paddle'``: Paddle Inference (oneDNN; int8 kernels for an int8 export). ``'openvino'``: the
     OpenVINO IR beside it (written by the export's ``formats``, or converted here for a float
-    model); the counts are the compute nodes OpenVINO runs in int8.
+    model); the counts are the compute nodes OpenVINO runs in int8. ``'onnxruntime'``: the ONNX
+    model beside it (``--export onnx``); the counts are onnxruntime's int8 kernels.
     """
     threads = s.threads or 1
+    if s.runtime == "onnxruntime":
+        from qtrainer.quant.export.onnx import load_onnxruntime, onnxruntime_int8_nodes, run_onnxruntime
+
+        session = load_onnxruntime(prefix + ".onnx", num_threads=threads)
+        counts = {"int8_compute": onnxruntime_int8_nodes(prefix + ".onnx", threads)["int8_compute"]}
+        return (lambda images: run_onnxruntime(session, [images])[0]), counts
     if s.runtime == "openvino":
         from qtrainer.quant.export.openvino import load_openvino, run_openvino, runtime_precisions, write_openvino
 
@@ -290,7 +302,8 @@ def deployed_runner(s: Settings, prefix: str, int8: bool) -> tuple[Callable[[np.
 
 
 def deployment_results(s: Settings, net, prefix: str, loader, int8: bool = True) -> dict[str, Any]:
-    """The deployed model on ``s.runtime`` against its simulation; with OpenVINO, Paddle Inference's too."""
+    """The deployed model on ``s.runtime`` against its simulation, and on the other runtimes whose
+    files the export wrote (Paddle Inference always; OpenVINO, onnxruntime when there)."""
     simulated, labels = dygraph_logits(s, net, loader)
 
     def measure(settings: Settings) -> dict[str, Any]:
@@ -307,8 +320,11 @@ def deployment_results(s: Settings, net, prefix: str, loader, int8: bool = True)
 
     results = {"images": int(len(labels)), "simulated_top1": float((simulated.argmax(1) == labels).mean()),
                **measure(s)}
-    if s.runtime != "paddle":
-        results["paddle"] = measure(dataclasses.replace(s, runtime="paddle"))
+    others = {"paddle": True, "openvino": int8 and os.path.exists(prefix + ".xml"),
+              "onnxruntime": int8 and os.path.exists(prefix + ".onnx")}
+    for runtime, present in others.items():
+        if present and runtime != s.runtime:
+            results[runtime] = measure(dataclasses.replace(s, runtime=runtime))
     return results
 
 

@@ -92,6 +92,9 @@ def test_all_methods_end_to_end_on_a_small_slice(tmp_path):
     dynamic = json.load(open(tmp_path / "out" / "mobilenet_v1" / "dynamic" / "results.json"))
     assert dynamic["params_ratio"] <= 0.35  # BatchNorm parameters stay float in this narrow model
     assert os.path.isdir(tmp_path / "out" / "mobilenet_v1" / "qat" / "version_0")  # TensorBoard run
+    assert run.parse_args(["mobilenet_v1", "qat", "--export", "onnx"]).export_kwargs["formats"] == ("paddle", "onnx")
+    both = run.parse_args(["mobilenet_v1", "qat", "--export", "onnx", "--runtime", "openvino"])
+    assert both.export_kwargs["formats"] == ("paddle", "onnx", "openvino")
 
 
 @pytest.mark.slow
@@ -144,12 +147,13 @@ def test_pretrained_file_of_random_bytes_names_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_openvino_runtime_evaluates_every_method_on_openvino(tmp_path):
-    """``--runtime openvino``: the exports also write the IR, and every deployed number comes from OpenVINO."""
+    """``--runtime openvino --export onnx``: the exports also write the IR and the ONNX model; the deployed
+    numbers come from OpenVINO, with Paddle Inference's and onnxruntime's beside them."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'qtrainer[openvino]')")
     data = write_folder(tmp_path / "data")
     summary = run.main(["mobilenet_v2", "all", "--max-steps", "2", "--qat-max-steps", "1", "--calib-batches", "1",
                         "--lr", "1e-6", "--qat-lr", "1e-6", "--width", "0.25", "--data", data, "--runtime", "openvino",
-                        *args(tmp_path)])
+                        "--export", "onnx", *args(tmp_path)])
     assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
     for method in ("fp32", "ptq", "qat", "dynamic"):
         result = json.load(open(tmp_path / "out" / "mobilenet_v2" / method / "results.json"))
@@ -158,3 +162,5 @@ def test_openvino_runtime_evaluates_every_method_on_openvino(tmp_path):
         result = json.load(open(tmp_path / "out" / "mobilenet_v2" / method / "results.json"))
         assert result["int8_ops"]["int8_compute"] > 0
         assert os.path.isfile(tmp_path / "out" / "mobilenet_v2" / method / "export" / "model.xml")
+        # the same model on the other runtimes whose files the export wrote
+        assert result["paddle"]["runtime"] == "paddle" and result["onnxruntime"]["int8_ops"]["int8_compute"] > 0
