@@ -43,7 +43,8 @@ over all samples), and also against ``ort fp32``. With random weights this says 
 fake-quant simulation of such a network is chaotic (see ``build_speed_models``), near-tied top-1
 scores are the rule, and the peers never saw the simulation (they quantize the FP32 model); the
 numbers are printed as a sanity check of the conversions, not as accuracy. Accuracy on trained
-models will come from the recipes (``python -m recipes.run ... --export onnx``; not implemented yet).
+models comes from the recipes (``python -m recipes.run ARCH qat --export onnx``: ``results.json``
+has the full validation set on onnxruntime beside Paddle Inference).
 
 Results: ``benchmarks/results/onnx_export[_quick][_4archs]_<int8 ISA>.json`` (``--results-dir`` to
 write elsewhere, e.g. for a smoke run).
