@@ -49,3 +49,29 @@ def write_json(name: str, payload: dict[str, Any]) -> str:
     with open(path, "w") as handle:
         json.dump({"machine": machine(), **payload}, handle, indent=2)
     return path
+
+
+SPEED_MODELS = ["MobileNetV1", "MobileNetV2", "ResNet18", "ResNet50"]
+
+
+def add_speed_arguments(parser: Any) -> None:
+    """The options every deployment-speed benchmark takes (models, batches, threads, rounds, ...)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: MobileNetV1, batch 1, 1 thread, 2 rounds of 3 runs (unless given)")
+    parser.add_argument("--models", nargs="+", default=None, choices=SPEED_MODELS)
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--threads", type=int, nargs="+", default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--clip", default="auto", choices=["auto", "true", "false"],
+                        help="export_quantized_model's clip_activations")
+
+
+def resolve_speed_arguments(args: Any) -> None:
+    """Fill the defaults of ``add_speed_arguments`` (the quick ones with ``--quick``), in place."""
+    args.clip = {"auto": "auto", "true": True, "false": False}[args.clip]
+    args.models = args.models or (["MobileNetV1"] if args.quick else SPEED_MODELS)
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
+    args.threads = args.threads or ([1] if args.quick else [1, 2])
+    args.rounds = args.rounds or (2 if args.quick else 7)
+    args.iters = args.iters or (3 if args.quick else 5)

@@ -38,7 +38,9 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, median, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    SPEED_MODELS, add_speed_arguments, machine, median, print_table, resolve_speed_arguments, write_json,
+)
 from qat_export import build_speed_models  # noqa: E402
 from qtrainer.quant.export.inference import create_predictor, load_int8_predictor, predict  # noqa: E402
 from qtrainer.quant.export.openvino import (  # noqa: E402
@@ -48,7 +50,7 @@ from qtrainer.quant.export.openvino import (  # noqa: E402
     write_openvino,
 )
 
-MODELS = ["MobileNetV1", "MobileNetV2", "ResNet18", "ResNet50"]
+MODELS = SPEED_MODELS
 RUNTIMES = ["paddle_fp32", "paddle_int8", "ov_fp32", "ov_int8", "nncf_int8"]
 
 
@@ -176,24 +178,11 @@ def speed_rows(args, workdir: str) -> tuple[list[dict], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: MobileNetV1, batch 1, 1 thread, 2 rounds of 3 runs (unless given)")
-    parser.add_argument("--models", nargs="+", default=None, choices=MODELS)
-    parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--threads", type=int, nargs="+", default=None)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--clip", default="auto", choices=["auto", "true", "false"],
-                        help="export_quantized_model's clip_activations")
+    add_speed_arguments(parser)
     parser.add_argument("--no-nncf", action="store_true", help="skip OpenVINO + NNCF even when nncf is installed")
     parser.add_argument("--workdir", default=None, help="keep the exported models here")
     args = parser.parse_args()
-    args.clip = {"auto": "auto", "true": True, "false": False}[args.clip]
-    args.models = args.models or (["MobileNetV1"] if args.quick else MODELS)
-    args.batches = args.batches or ([1] if args.quick else [1, 8])
-    args.threads = args.threads or ([1] if args.quick else [1, 2])
-    args.rounds = args.rounds or (2 if args.quick else 7)
-    args.iters = args.iters or (3 if args.quick else 5)
+    resolve_speed_arguments(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ov = require_openvino()
     nncf = _nncf()

@@ -65,7 +65,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import qat_export  # noqa: E402
-from _common import machine, median, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    SPEED_MODELS, add_speed_arguments, machine, median, print_table, resolve_speed_arguments, write_json,
+)
 from deploy_speed import _nncf, _ratio, calibration_batches, nncf_model, time_interleaved  # noqa: E402
 from qat_export import build_speed_models  # noqa: E402
 from qtrainer.quant.export.onnx import (  # noqa: E402
@@ -85,7 +87,7 @@ from qtrainer.quant.export.openvino import (  # noqa: E402
 from qtrainer.quant.export.plan import working_copy  # noqa: E402
 from qtrainer.quant.export.selfcheck import compare_samples, dygraph_outputs  # noqa: E402
 
-MODELS = ["MobileNetV1", "MobileNetV2", "ResNet18", "ResNet50"]
+MODELS = SPEED_MODELS
 ORT_RUNTIMES = ["ort_fp32", "ours", "peer_u8s8", "peer_s8s8"]
 OV_RUNTIMES = ["ov_fp32", "ov_ours", "ov_nncf"]
 INT8_RUNTIMES = ["ours", "peer_u8s8", "peer_s8s8", "ov_ours", "ov_nncf"]
@@ -325,15 +327,7 @@ def print_tables(args, rows: list[dict], infos: dict[str, dict]) -> None:
 # ====================================================================== main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: MobileNetV1, batch 1, 1 thread, 2 rounds of 3 runs (unless given)")
-    parser.add_argument("--models", nargs="+", default=None, choices=MODELS)
-    parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--threads", type=int, nargs="+", default=None)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--clip", default="auto", choices=["auto", "true", "false"],
-                        help="export_quantized_model's clip_activations")
+    add_speed_arguments(parser)
     parser.add_argument("--no-preprocess", action="store_true",
                         help="quantize the peer without onnxruntime's quant_pre_process")
     parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when it is installed")
@@ -342,12 +336,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=_common.RESULTS_DIR,
                         help="where the JSON goes (default: benchmarks/results)")
     args = parser.parse_args()
-    args.clip = {"auto": "auto", "true": True, "false": False}[args.clip]
-    args.models = args.models or (["MobileNetV1"] if args.quick else MODELS)
-    args.batches = args.batches or ([1] if args.quick else [1, 8])
-    args.threads = args.threads or ([1] if args.quick else [1, 2])
-    args.rounds = args.rounds or (2 if args.quick else 7)
-    args.iters = args.iters or (3 if args.quick else 5)
+    resolve_speed_arguments(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     onnx, ort = require_onnx(), require_onnxruntime()
     try:
