@@ -54,6 +54,19 @@ class _ExportLayer(nn.Layer):
         """The quanted layer this one stands for."""
         return self._quanted[0]
 
+    def quantize_input(self, x):
+        """The input as this layer quantizes it: the simulation in dynamic mode, its deployment ops when traced."""
+        if paddle.in_dynamic_mode():
+            return self._quanted[0].quantize_input(x)
+        return self._traced_quantize(x)
+
+    def _traced_input(self, x):
+        """The traced input quantized, unless a residual block already quantized it (``quantize_input``)."""
+        return x if self.input_quantized_outside else self._traced_quantize(x)
+
+    def _traced_quantize(self, x):
+        raise NotImplementedError
+
     def _conv_input(self, x):
         """``(x, conv2d keyword arguments)``; non-zero padding modes pad explicitly, as the quanted layer."""
         args = dict(self._conv_args)
@@ -85,16 +98,7 @@ class _Int8Layer(_ExportLayer):
         self.unsigned_by_fusion = False
         self.export_name = plan.name
 
-    def quantize_input(self, x):
-        """The input as this layer quantizes it: the simulation in dynamic mode, the pair when traced."""
-        if paddle.in_dynamic_mode():
-            return self._quanted[0].quantize_input(x)
-        return self._quantize_input(x)
-
-    def _quantized(self, x):
-        return x if self.input_quantized_outside else self._quantize_input(x)
-
-    def _quantize_input(self, x):
+    def _traced_quantize(self, x):
         if self.act_preprocess is not None:
             x = self.act_preprocess(x)
         if self._clip is not None:
@@ -135,7 +139,7 @@ class Int8Conv2D(_Int8Layer):
         if paddle.in_dynamic_mode():
             return self._quanted[0](x)
         x, args = self._conv_input(x)
-        y = F.conv2d(self._quantized(x), self._weight(), bias=self.bias, **args)
+        y = F.conv2d(self._traced_input(x), self._weight(), bias=self.bias, **args)
         # a no-op Paddle does not fuse through: the conv stays int8 with an fp32 output, and the
         # batch norm / residual add / relu after it run in float, as in the simulation
         return paddle.scale(y, 1.0) if self.float_output else y
@@ -151,7 +155,7 @@ class Int8Linear(_Int8Layer):
         out_features, in_features = self._weight_shape[:2]
         lead = list(x.shape[:-1])
         x4 = paddle.reshape(x, [-1, in_features, 1, 1])
-        y = F.conv2d(self._quantized(x4), self._weight(), bias=self.bias)
+        y = F.conv2d(self._traced_input(x4), self._weight(), bias=self.bias)
         if sum(1 for d in lead if d is None or d < 0) <= 1:
             return paddle.reshape(y, [-1 if (d is None or d < 0) else d for d in lead] + [out_features])
         shape = paddle.concat([paddle.shape(x)[:-1], paddle.to_tensor([out_features], dtype="int32")])
@@ -172,18 +176,7 @@ class _FakeQuantLayer(_ExportLayer):
         self._qmax = float(qmax_for_bits(plan.act_bits))
         self.register_buffer("weight_fq", quanted.quantized_weight().astype("float32"))
 
-    def quantize_input(self, x):
-        """The input as this layer quantizes it: the simulation in dynamic mode, float ops when traced."""
-        if paddle.in_dynamic_mode():
-            return self._quanted[0].quantize_input(x)
-        return self._fake_quant_input_ops(x)
-
-    def _fake_quant_input(self, x):
-        if self.input_quantized_outside:
-            return x
-        return self._fake_quant_input_ops(x)
-
-    def _fake_quant_input_ops(self, x):
+    def _traced_quantize(self, x):
         if self.act_preprocess is not None:
             x = self.act_preprocess(x)
         t, qmax = self._threshold, self._qmax
@@ -197,7 +190,7 @@ class FakeQuantConv2D(_FakeQuantLayer):
         if paddle.in_dynamic_mode():
             return self._quanted[0](x)
         x, args = self._conv_input(x)
-        return F.conv2d(self._fake_quant_input(x), self.weight_fq, bias=self.bias, **args)
+        return F.conv2d(self._traced_input(x), self.weight_fq, bias=self.bias, **args)
 
 
 class FakeQuantLinear(_FakeQuantLayer):
@@ -205,7 +198,7 @@ class FakeQuantLinear(_FakeQuantLayer):
     def forward(self, x):
         if paddle.in_dynamic_mode():
             return self._quanted[0](x)
-        return F.linear(self._fake_quant_input(x), self.weight_fq, bias=self.bias)
+        return F.linear(self._traced_input(x), self.weight_fq, bias=self.bias)
 
 
 INT8_TYPES = {"Conv2D": Int8Conv2D, "Linear": Int8Linear}

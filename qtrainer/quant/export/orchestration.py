@@ -441,6 +441,14 @@ class _Attempt:
         }
 
 
+def _swap_sublayers(model: nn.Layer, swap: dict[int, nn.Layer]) -> None:
+    """Replace, in place, every sublayer of ``model`` whose ``id`` is a key of ``swap`` by its value."""
+    for parent in [model, *model.sublayers()]:
+        for attr, child in list(parent._sub_layers.items()):
+            if child is not None and id(child) in swap:
+                parent._sub_layers[attr] = swap[id(child)]
+
+
 class _Exporter:
     """Builds, saves and checks the export with a given set of layers kept in float (cached)."""
 
@@ -472,10 +480,7 @@ class _Exporter:
                 swap[id(layer)] = INT8_TYPES[layer.layer_type](
                     layer, plan, self.context.weights[name], clip=plan.act_clip or name in clipped
                 )
-        for parent in [model, *model.sublayers()]:
-            for attr, child in list(parent._sub_layers.items()):
-                if child is not None and id(child) in swap:
-                    parent._sub_layers[attr] = swap[id(child)]
+        _swap_sublayers(model, swap)
         return model
 
     def save(self, model: nn.Layer, directory: str) -> None:
@@ -554,11 +559,7 @@ class _Exporter:
         float_dir = os.path.join(self.context.staging, "float")
         os.makedirs(float_dir, exist_ok=True)
         model = copy.deepcopy(self.context.work)
-        swap = {id(layer): layer.layer for _, layer in iter_quanted_layers(model)}
-        for parent in [model, *model.sublayers()]:
-            for attr, child in list(parent._sub_layers.items()):
-                if child is not None and id(child) in swap:
-                    parent._sub_layers[attr] = swap[id(child)]
+        _swap_sublayers(model, {id(layer): layer.layer for _, layer in iter_quanted_layers(model)})
         self._trace(model, float_dir)
         batch = [np.ascontiguousarray(a[:1]) for a in self.context.batches[0]]
         speed = measure_speed(os.path.join(final.directory, "model"), os.path.join(float_dir, "model"), batch,
