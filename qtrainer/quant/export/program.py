@@ -52,6 +52,20 @@ def append_round(x):
     return out
 
 
+def _graph_index(ops: Sequence[Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``(producer, consumers)``: the op writing each variable, and the ops reading it (once per read)."""
+    producer: dict[str, Any] = {}
+    consumers: dict[str, list[Any]] = {}
+    for op in ops:
+        for names in op.inputs.values():
+            for name in names:
+                consumers.setdefault(name, []).append(op)
+        for names in op.outputs.values():
+            for name in names:
+                producer[name] = op
+    return producer, consumers
+
+
 def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
     """Weight variables of the ``conv2d`` ops that must keep an fp32 output before a residual add.
 
@@ -66,17 +80,10 @@ def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
     Every other residual conv is returned. A conv's weight is the ``X`` of the
     ``dequantize_linear`` that feeds its ``Filter``.
     """
-    consumers: dict[str, list[Any]] = {}
-    producer: dict[str, Any] = {}
+    producer, consumers = _graph_index(ops)
     computed: set[str] = set()  # depends on the input (the ops are in program order)
     for op in ops:
-        inputs = [name for names in op.inputs.values() for name in names]
-        for name in inputs:
-            consumers.setdefault(name, []).append(op)
-        for names in op.outputs.values():
-            for name in names:
-                producer[name] = op
-        if op.type == "feed" or any(name in computed for name in inputs):
+        if op.type == "feed" or any(name in computed for names in op.inputs.values() for name in names):
             computed.update(name for names in op.outputs.values() for name in names)
 
     def residual_add(var: str) -> tuple[Any, str] | None:
@@ -137,19 +144,11 @@ def fused_unsigned_inputs(ops: Sequence[Any]) -> set[str]:
     the same u8 codes itself. Anything else in between (a pool, reshape, add, clip, pad, or a
     convolution output used twice, which Paddle does not fuse) keeps the relu.
     """
-    producer: dict[str, Any] = {}
-    uses: dict[str, int] = {}
-    for op in ops:
-        for names in op.inputs.values():
-            for name in names:
-                uses[name] = uses.get(name, 0) + 1
-        for names in op.outputs.values():
-            for name in names:
-                producer[name] = op
+    producer, consumers = _graph_index(ops)
 
     def only_output_of(name: str, types: Sequence[str]) -> Any:
         op = producer.get(name)
-        return op if op is not None and op.type in types and uses.get(name, 0) == 1 else None
+        return op if op is not None and op.type in types and len(consumers.get(name, ())) == 1 else None
 
     def from_fused_activation(name: str) -> bool:
         act = producer.get(name)
