@@ -281,31 +281,34 @@ def _write_openvino(final: "_Attempt", context: "_Context") -> dict[str, Any]:
     """Convert the chosen attempt to OpenVINO IR beside it; check it like the Paddle model."""
     from qtrainer.quant.export.openvino import check_openvino, convert_openvino
 
-    stem = os.path.join(final.directory, "model")
-    convert_openvino(stem, stem + ".xml")
-    if final.result is None:
-        return {"checked": False}
-    options = context.check
-    result = check_openvino(stem + ".xml", context.batches, context.reference, options.max_rel_l2,
-                            options.min_agreement, options.num_threads,
-                            expected_int8_ops=final.result.expected_int8_ops)
-    result.pop("model", None)  # the staging path; the file is published beside the Paddle model
-    return result
+    def convert(stem: str, path: str) -> dict[str, Any]:
+        convert_openvino(stem, path)
+        return {}
+
+    return _write_other_format(final, context, ".xml", convert, check_openvino)
 
 
 def _write_onnx(final: "_Attempt", context: "_Context") -> dict[str, Any]:
     """Convert the chosen attempt to ONNX beside it; check it on onnxruntime like the Paddle model."""
     from qtrainer.quant.export.onnx import check_onnx, convert_to_onnx
 
+    def convert(stem: str, path: str) -> dict[str, Any]:
+        conversion = convert_to_onnx(stem, path, calibration=context.batches)
+        return {"conversion": {k: v for k, v in conversion.items() if k != "path"}}
+
+    return _write_other_format(final, context, ".onnx", convert, check_onnx)
+
+
+def _write_other_format(final: "_Attempt", context: "_Context", suffix: str, convert, check) -> dict[str, Any]:
+    """``convert(stem, path)`` the attempt into ``model<suffix>`` beside it, then ``check`` that file
+    against the simulation's outputs with the Paddle check's options (when the check ran)."""
     stem = os.path.join(final.directory, "model")
-    conversion = convert_to_onnx(stem, stem + ".onnx", calibration=context.batches)
-    summary = {"conversion": {k: v for k, v in conversion.items() if k != "path"}}
+    summary = convert(stem, stem + suffix)
     if final.result is None:
         return {**summary, "checked": False}
     options = context.check
-    expected = final.result.expected_int8_ops
-    result = check_onnx(stem + ".onnx", context.batches, context.reference, options.max_rel_l2,
-                        options.min_agreement, options.num_threads, expected_int8_ops=expected)
+    result = check(stem + suffix, context.batches, context.reference, options.max_rel_l2, options.min_agreement,
+                   options.num_threads, expected_int8_ops=final.result.expected_int8_ops)
     result.pop("model", None)  # the staging path; the file is published beside the Paddle model
     return {**summary, **result}
 
