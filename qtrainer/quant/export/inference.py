@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "int8_graph_summary",
     "model_files",
     "as_inputs",
+    "run_batches",
     "run_predictor",
     "predict",
     "read_program_ops",
@@ -217,13 +218,25 @@ def predict(predictor: Any, batch: np.ndarray | Sequence[np.ndarray]) -> list[np
 
 def run_predictor(predictor: Any, batches: Iterable[Any]) -> list[np.ndarray]:
     """Run every batch; return each output concatenated over the batches (along axis 0)."""
+    return run_batches(lambda batch: predict(predictor, batch), batches)
+
+
+def run_batches(run_one: Callable[[Any], Sequence[np.ndarray]], batches: Iterable[Any],
+                caller: str | None = None) -> list[np.ndarray]:
+    """Each output of ``run_one(batch)`` concatenated over ``batches`` (along axis 0; scalars stacked).
+
+    The one loop of every runtime's ``run_*``. No batch gives ``[]``, or, with ``caller``, a
+    ``ValueError`` saying that ``caller`` needs at least one.
+    """
     per_output: list[list[np.ndarray]] = []
     for batch in batches:
-        outputs = predict(predictor, batch)
+        outputs = run_one(batch)
         if not per_output:
             per_output = [[] for _ in outputs]
         for store, out in zip(per_output, outputs):
-            store.append(out)
+            store.append(np.asarray(out))
+    if not per_output and caller is not None:
+        raise ValueError(f"{caller} needs at least one batch")
     return [np.concatenate(store) if store[0].ndim else np.stack(store) for store in per_output]
 
 

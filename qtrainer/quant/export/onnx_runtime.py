@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qtrainer._checks import check_positive_int
-from qtrainer.quant.export.inference import as_inputs
+from qtrainer.quant.export.inference import as_inputs, run_batches
 from qtrainer.quant.export.selfcheck import judge_runtime
 
 __all__ = ["INT8_COMPUTE_NODES", "FLOAT_COMPUTE_NODES", "require_onnx", "require_onnxruntime", "load_onnxruntime",
@@ -85,19 +85,14 @@ def run_onnxruntime(session: Any, batches: Iterable[Any]) -> list[np.ndarray]:
     A batch is one array or one array per model input, as for ``inference.run_predictor``.
     """
     names = [i.name for i in session.get_inputs()]
-    per_output: list[list[np.ndarray]] = []
-    for batch in batches:
+
+    def run_one(batch: Any) -> list[np.ndarray]:
         arrays = as_inputs(batch)
         if len(arrays) != len(names):
             raise ValueError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(arrays)} array(s)")
-        outputs = session.run(None, dict(zip(names, arrays)))
-        if not per_output:
-            per_output = [[] for _ in outputs]
-        for store, out in zip(per_output, outputs):
-            store.append(np.asarray(out))
-    if not per_output:
-        raise ValueError("run_onnxruntime needs at least one batch")
-    return [np.concatenate(store) if store[0].ndim else np.stack(store) for store in per_output]
+        return session.run(None, dict(zip(names, arrays)))
+
+    return run_batches(run_one, batches, caller="run_onnxruntime")
 
 
 def onnxruntime_int8_nodes(path: str, num_threads: int = 1) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import numpy as np
 from qtrainer._checks import check_positive_int
 from qtrainer._io import fsync_directory, fsync_file
 from qtrainer.quant.export.files import make_staging_dir, verify_export
-from qtrainer.quant.export.inference import as_inputs, model_files
+from qtrainer.quant.export.inference import as_inputs, model_files, run_batches
 from qtrainer.quant.export.selfcheck import judge_runtime
 
 __all__ = [
@@ -174,18 +174,16 @@ def run_openvino(compiled: Any, batches: Iterable[Any]) -> list[np.ndarray]:
     """
     request = compiled.create_infer_request()
     inputs, outputs = list(compiled.inputs), list(compiled.outputs)
-    per_output: list[list[np.ndarray]] = [[] for _ in outputs]
-    for batch in batches:
+
+    def run_one(batch: Any) -> list[np.ndarray]:
         arrays = as_inputs(batch)
         if len(arrays) != len(inputs):
             names = ", ".join(port.get_any_name() for port in inputs)
             raise ValueError(f"the model takes {len(inputs)} input(s) ({names}), got {len(arrays)} array(s)")
         result = request.infer(arrays)
-        for store, port in zip(per_output, outputs):
-            store.append(np.asarray(result[port]))
-    if not per_output or not per_output[0]:
-        raise ValueError("run_openvino needs at least one batch")
-    return [np.concatenate(store) if store[0].ndim else np.stack(store) for store in per_output]
+        return [result[port] for port in outputs]
+
+    return run_batches(run_one, batches, caller="run_openvino")
 
 
 # ---------------------------------------------------------------------- what runs int8
