@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qtrainer._checks import check_positive_int
+from qtrainer._extras import require_extra
 from qtrainer.quant.export.inference import as_inputs, run_batches
 from qtrainer.quant.export.selfcheck import judge_runtime
 
@@ -36,26 +37,16 @@ INT8_OTHER_NODES = ("QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalA
                     "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax")
 #: Float compute nodes left in the optimized graph.
 FLOAT_COMPUTE_NODES = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
-_MISSING = "onnxruntime is not installed: pip install 'qtrainer[onnx]' (or pip install onnxruntime)"
-_MISSING_ONNX = "onnx is not installed: pip install 'qtrainer[onnx]' (or pip install onnx onnxruntime)"
 
 
 def require_onnx() -> ModuleType:
     """The ``onnx`` module; ``ImportError`` naming the extra to install when it is missing."""
-    try:
-        import onnx
-    except ImportError as err:
-        raise ImportError(_MISSING_ONNX) from err
-    return onnx
+    return require_extra("onnx", "onnx", packages="onnx onnxruntime")
 
 
 def require_onnxruntime() -> ModuleType:
     """The ``onnxruntime`` module; ``ImportError`` naming the extra to install when it is missing."""
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(_MISSING) from err
-    return onnxruntime
+    return require_extra("onnxruntime", "onnx")
 
 
 def _session(path: str, num_threads: int, level: Any = None, optimized_path: str | None = None) -> Any:

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qtrainer._checks import check_positive_int
+from qtrainer._extras import require_extra
 from qtrainer._io import fsync_directory, fsync_file
 from qtrainer.quant.export.files import make_staging_dir, verify_export
 from qtrainer.quant.export.inference import as_inputs, model_files, run_batches
@@ -63,16 +64,11 @@ OPENVINO_SUFFIXES = (".xml", ".bin")
 COMPUTE_LAYER_TYPES = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _CONVOLUTION_TYPES = ("Convolution", "GroupConvolution", "Deconvolution")
 _INT8_PRECISIONS = ("u8", "i8")
-_MISSING = "OpenVINO is not installed: pip install 'qtrainer[openvino]' (or pip install openvino)"
 
 
 def require_openvino() -> ModuleType:
     """The ``openvino`` module; ``ImportError`` naming the extra to install when it is missing."""
-    try:
-        import openvino
-    except ImportError as err:
-        raise ImportError(_MISSING) from err
-    return openvino
+    return require_extra("openvino", "openvino", display="OpenVINO")
 
 
 # ---------------------------------------------------------------------- writing the IR
