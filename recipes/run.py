@@ -40,6 +40,7 @@ from qtrainer.data import make_loaders, prepare_fashion_mnist_folder
 from qtrainer.loggers import TensorBoardLogger
 from qtrainer.quant import QATCallback, quantize_dygraph_weights
 from qtrainer.quant.export.inference import create_predictor, load_int8_predictor, predict
+from qtrainer.quant.export.isa import EXPORT_TARGETS
 from recipes.archs import ARCHS, Defaults
 
 log = logging.getLogger("recipes")
@@ -80,6 +81,7 @@ class Settings:
     overwrite: bool = False
     runtime: str = "paddle"
     export_formats: tuple[str, ...] = ()  # written besides the Paddle model ('openvino', 'onnx')
+    target: str = "auto"  # the CPUs the int8 export is for (qtrainer.quant.export.isa.EXPORT_TARGETS)
 
     @property
     def export_kwargs(self) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class Settings:
         extra = set(self.export_formats) | ({"openvino"} if self.runtime == "openvino" else set())
         formats = ("paddle", *sorted(extra))
         return {"search_time_limit": self.check_time_limit, "on_failure": "write", "num_threads": self.threads or 1,
-                "overwrite": self.overwrite, "formats": formats}
+                "overwrite": self.overwrite, "formats": formats, "target": self.target}
 
     @property
     def run_dir(self) -> str:
@@ -138,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--runtime", default="paddle", choices=("paddle", "openvino"),
                         help="runtime of the deployed evaluation: Paddle Inference (default) or OpenVINO "
                              "(the export also writes the OpenVINO IR; needs qtrainer[openvino])")
+    parser.add_argument("--target", default="auto", choices=EXPORT_TARGETS,
+                        help="the CPUs the int8 export is for: auto (this CPU's kind), vnni (AVX-512 VNNI / "
+                             "AVX-VNNI / AMX: unsigned activations on the full u8 grid), avx2 or portable "
+                             "(correct on every x86-64 CPU with AVX2)")
     args = parser.parse_args(argv)
 
     arch = ARCHS[args.arch]
@@ -166,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
         train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
         overwrite=args.overwrite, runtime=args.runtime, export_formats=tuple(args.export or ()),
+        target=args.target,
     )
 
 

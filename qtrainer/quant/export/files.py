@@ -37,11 +37,13 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qtrainer._io import atomic_write_text, fsync_directory, fsync_file
+from qtrainer.quant.export.isa import EXPORT_TARGETS, int8_isa, isa_runs_target, target_note
 
 __all__ = ["STATE_COMPLETE", "STATE_PUBLISHING", "ExportIntegrityError", "sha256_file", "make_staging_dir",
            "sweep_stale_staging", "publish", "read_report", "report_run_id", "verify_export", "new_run_id",
@@ -318,6 +320,19 @@ def report_run_id(prefix: str) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
+def _warn_if_foreign_target(path: str, report: dict[str, Any]) -> None:
+    """Warn when the export was written for CPUs this one is not (e.g. a VNNI model on AVX2)."""
+    target = report.get("target")
+    name = target.get("name") if isinstance(target, dict) else None
+    if name in EXPORT_TARGETS and name != "auto" and not isa_runs_target(int8_isa(), name):
+        warnings.warn(
+            f"{path!r} was exported for target {name!r} and this CPU's int8 ISA is {int8_isa()!r}: "
+            f"{target_note(name)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def verify_export(prefix: str, required: Sequence[str] = (".pdmodel", ".pdiparams")) -> bool:
     """Check the model files at ``prefix`` against their report; True when verified, False when no
     report vouches for them (a plain ``paddle.jit.save`` model, or a report without hashes).
@@ -329,6 +344,7 @@ def verify_export(prefix: str, required: Sequence[str] = (".pdmodel", ".pdiparam
     if found is None:
         return False
     path, report = found
+    _warn_if_foreign_target(path, report)
     if report.get("state") == STATE_PUBLISHING:
         raise ExportIntegrityError(
             f"the export at {prefix!r} is incomplete: its report {path!r} says a publish was interrupted "

@@ -30,6 +30,7 @@ from paddle import nn
 from qtrainer.quant.export.files import check_export_target, make_export_staging, publish_export, remove_empty
 from qtrainer.quant.export.inference import load_int8_predictor, read_program_ops, run_predictor
 from qtrainer.quant.export.layers import FAKE_QUANT_TYPES, INT8_TYPES, Int8Conv2D
+from qtrainer.quant.export.isa import resolve_target
 from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, plan_layers, working_copy
 from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
 from qtrainer.quant.export.report import ExportCheckError, ExportReport, LayerExport
@@ -88,8 +89,10 @@ class ExportOptions:
     fake_quant_layers: Sequence[str] = ()
     clip_activations: bool | str = "auto"
     formats: Sequence[str] = ("paddle",)
+    target: str = "auto"
 
     def __post_init__(self) -> None:
+        resolve_target(self.target)  # an unknown target (or 'auto' on a CPU without AVX2) fails first
         formats = self.formats
         if isinstance(formats, str) or not isinstance(formats, (list, tuple)) or not all(
             isinstance(f, str) for f in formats
@@ -139,6 +142,7 @@ def export_quantized_model(
     num_threads: int = 1,
     formats: Sequence[str] = ("paddle",),
     measure_speed: bool = True,
+    target: str = "auto",
 ) -> ExportReport:
     """Export a quantized ``model`` for Paddle Inference int8 on CPU and check it; see the module docstring.
 
@@ -184,6 +188,11 @@ def export_quantized_model(
             ``qtrainer[openvino]`` extra) and ``'onnx'`` (``path.onnx``, an ONNX QDQ model of the
             same int8 program, opset 13, checked on onnxruntime like the Paddle model, with the
             count of its int8 kernels; the ``qtrainer[onnx]`` extra).
+        target: the CPUs the model is for (``qtrainer.quant.export.isa``): ``'auto'`` (this CPU's
+            kind), ``'vnni'`` (AVX-512 VNNI, AVX-VNNI or AMX: unsigned activations on the full u8
+            grid; wrong on CPUs without VNNI), ``'avx2'`` or ``'portable'`` (the u8 headroom CPUs
+            without VNNI need; correct on every x86-64 CPU with AVX2). The self-check runs on this
+            CPU; the report says what the model does on the other kinds.
 
     Returns:
         an ``ExportReport`` (also written as ``path.quant.json``).
@@ -194,6 +203,7 @@ def export_quantized_model(
                            num_threads=num_threads, measure_speed=measure_speed),
         overwrite=overwrite, run_id=run_id, keep_float=keep_float, fake_quant_layers=fake_quant_layers,
         clip_activations=clip_activations, formats=tuple(formats) if isinstance(formats, list) else formats,
+        target=target,
     )
     return _export(model, path, input_spec, sample_inputs, options)
 
@@ -259,6 +269,7 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
             sample_source=context.source if checking.check else None,
             attempts=[a.to_dict() for a in exporter.attempts],
             run_id=options.run_id,
+            target=resolve_target(options.target),
         )
         if checking.measure_speed:
             report.speed = exporter.measure_speed(final)
@@ -375,7 +386,8 @@ def _prepare(model: nn.Layer, input_spec, sample_inputs, options: ExportOptions,
     check_batches_match(batches, spec)
     dry_run(work, spec)
     observed, reference = observe_layers(work, quanted, batches)
-    plans, weights = plan_layers(quanted, observed, options.keep_float, options.clip_activations)
+    plans, weights = plan_layers(quanted, observed, options.keep_float, options.clip_activations,
+                                 resolve_target(options.target))
     return _Context(work=work, plans=plans, weights=weights, spec=spec, batches=batches, source=source,
                     reference=reference, order=[n for n in observed.order if n in plans], staging=staging,
                     check=options.check, caveats=_check_caveats(source, plans))

@@ -19,6 +19,7 @@ import paddle
 from paddle import nn
 
 from qtrainer.quant.base import Quanter, qmax_for_bits
+from qtrainer.quant.export.isa import u8_headroom
 from qtrainer.quant.export.layers import INT8_TYPES, FrozenActQuanter
 from qtrainer.quant.export.program import INT8_BITS
 from qtrainer.quant.export.report import LayerExport
@@ -30,7 +31,8 @@ __all__ = ["Observed", "working_copy", "observe_layers", "plan_layers", "mark_fa
 
 logger = logging.getLogger(__name__)
 
-# The u8 scale of an unsigned 8-bit activation: codes of [0, T] are 0..127, as in the simulation.
+# The u8 scale of an unsigned 8-bit activation with headroom (CPUs without VNNI): codes of [0, T]
+# are 0..127, as in the simulation. For a VNNI target the scale is T itself: codes 0..255 on [0, T].
 _U8_FACTOR = 255.0 / 127.0
 # A threshold this small means the layer only ever saw zeros; Paddle would leave it in float.
 _TINY_SCALE = 1e3 * MIN_SCALE
@@ -139,9 +141,10 @@ def threshold_of(layer: QuantedLayer) -> float:
     return float(layer.act_scale().reshape([-1])[0].item())
 
 
-def plan_layers(quanted, observed: Observed, keep_float, clip_activations):
+def plan_layers(quanted, observed: Observed, keep_float, clip_activations, target: str = "portable"):
     plans: dict[str, LayerExport] = {}
     weights: dict[str, np.ndarray] = {}
+    headroom = u8_headroom(target)
     for name, layer in quanted.items():
         plan = LayerExport(
             name=name,
@@ -173,6 +176,10 @@ def plan_layers(quanted, observed: Observed, keep_float, clip_activations):
         plan.act_clip = clip_activations is True or (clip_activations == "auto" and low_bits)
         if plan.act_signed:
             plan.deploy_act_scale = threshold * 127.0 / qmax
+        elif not headroom and not low_bits and not layer.input_quantized_outside:
+            # VNNI: the full u8 grid (finer than the simulation's step T/127, clipped at T as it is);
+            # a residual block's input keeps the u8 grid its simulation adds (step T/127)
+            plan.deploy_act_scale = threshold
         else:
             plan.deploy_act_scale = threshold * _U8_FACTOR * 127.0 / qmax
     _unify_shared_scales(plans)

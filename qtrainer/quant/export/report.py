@@ -10,7 +10,7 @@ from typing import Any
 
 import paddle
 
-from qtrainer.quant.export.isa import int8_isa
+from qtrainer.quant.export.isa import int8_isa, isa_runs_target, target_note
 
 from qtrainer.quant.export.selfcheck import CheckResult
 
@@ -74,6 +74,7 @@ class ExportReport:
     openvino: dict[str, Any] | None = None  # the OpenVINO IR's check (formats=('paddle', 'openvino'))
     speed: dict[str, Any] | None = None  # int8 vs fp32 latency on this machine (measure_speed)
     onnx: dict[str, Any] | None = None  # the ONNX model's conversion and check (formats=(..., 'onnx'))
+    target: str = "portable"  # the CPUs it is for ('vnni', 'avx2', 'portable'; qtrainer.quant.export.isa)
 
     @property
     def int8_layers(self) -> list[str]:
@@ -96,6 +97,7 @@ class ExportReport:
             "paddle": paddle.__version__,
             # the self-check ran here; on another int8 ISA (e.g. AVX2 without VNNI) the numbers differ
             "checked_on": None if self.check is None else {"int8_isa": int8_isa()},
+            "target": {"name": self.target, "on_other_cpus": target_note(self.target)},
             "run_id": self.run_id,
             "files": self.files,
             "input_spec": self.input_spec,
@@ -120,6 +122,9 @@ class ExportReport:
         for layer in self.layers:
             if layer.export != "int8":
                 lines.append(f"  {layer.export}: {layer.name} ({layer.reason})")
+        lines.append(f"  target {self.target}: {target_note(self.target)}")
+        if self.check is not None and not isa_runs_target(int8_isa(), self.target):
+            lines.append(f"  the self-check ran on {int8_isa()}, which computes this target's model differently")
         if self.check is not None:
             lines.append(f"  self-check vs dygraph ({self.sample_source} samples): {self.check.summary()}")
         if self.speed:

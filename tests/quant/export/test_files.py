@@ -68,6 +68,30 @@ def test_files_from_two_exports_are_refused_by_the_loader(tmp_path):
             load(str(tmp_path / "a"))
 
 
+def test_a_model_for_vnni_cpus_opened_on_a_cpu_without_vnni_warns(tmp_path, monkeypatch):
+    export(tmp_path / "v", target="vnni")
+    export(tmp_path / "p", target="portable")
+    with open(tmp_path / "v.quant.json") as handle:
+        assert json.load(handle)["target"]["name"] == "vnni"
+    monkeypatch.setattr(publish_module, "int8_isa", lambda: "avx2")
+    with pytest.warns(RuntimeWarning, match=r"exported for target 'vnni' and this CPU's int8 ISA is 'avx2'.*"
+                                            r"overflow 16 bits.*target='portable'"):
+        create_predictor(str(tmp_path / "v"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        create_predictor(str(tmp_path / "p"))  # portable: no warning on AVX2
+        monkeypatch.setattr(publish_module, "int8_isa", lambda: "avx512_vnni")
+        create_predictor(str(tmp_path / "v"))  # VNNI runs the VNNI model as checked
+
+
+def test_a_bad_target_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"target='avx512' is not valid: use one of \('auto', 'vnni', 'avx2', 'portable'\)"):
+        export(tmp_path / "bad", target="avx512")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_plain_paddle_model_without_report_still_loads(tmp_path):
     net = nn.Sequential(nn.Linear(4, 2))
     with paddle.pir_utils.DygraphOldIrGuard():

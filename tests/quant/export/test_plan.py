@@ -44,8 +44,52 @@ def test_unsigned_inputs_get_the_u8_scale_and_signed_ones_the_s8_scale():
     quanted = dict(iter_quanted_layers(work))
     batch = [np.random.RandomState(0).standard_normal((2, 1, 8, 8)).astype("float32")]
     observed, _ = observe_layers(work, quanted, [batch])
-    plans, weights = plan_layers(quanted, observed, keep_float=[], clip_activations="auto")
+    plans, weights = plan_layers(quanted, observed, keep_float=[], clip_activations="auto", target="portable")
     first, second = plans["0"], plans["2"]
     assert first.act_signed and first.deploy_act_scale == pytest.approx(first.act_scale)
     assert not second.act_signed and second.deploy_act_scale == pytest.approx(second.act_scale * 255 / 127)
     assert weights["0"].dtype == np.int8 and first.export == "int8"
+
+
+class _Block(nn.Layer):
+    """``relu(conv2(relu(conv1(x))) + x)``: conv1 reads the identity, which the block quantizes for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2D(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return nn.functional.relu(self.conv2(nn.functional.relu(self.conv1(x))) + x)
+
+
+def _plans_for(target: str, act_bits: int = 8):
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(1, 4, 3), nn.ReLU(), nn.Conv2D(4, 4, 3), nn.ReLU(), _Block())
+    QAT({"activation_bits": act_bits}).quantize(net)
+    net.train()
+    net(paddle.randn([2, 1, 10, 10]))
+    work = working_copy(net)
+    quanted = dict(iter_quanted_layers(work))
+    assert quanted["4.conv1"].input_quantized_outside  # the residual block's input
+    batch = [np.random.RandomState(0).standard_normal((2, 1, 10, 10)).astype("float32")]
+    observed, _ = observe_layers(work, quanted, [batch])
+    return plan_layers(quanted, observed, keep_float=[], clip_activations="auto", target=target)[0]
+
+
+@pytest.mark.parametrize("target, factor", [("vnni", 1.0), ("avx2", 255 / 127), ("portable", 255 / 127)])
+def test_only_a_vnni_target_puts_unsigned_8_bit_inputs_on_the_full_u8_grid(target, factor):
+    plans = _plans_for(target)
+    signed, unsigned = plans["0"], plans["2"]
+    assert signed.act_signed and not unsigned.act_signed
+    assert signed.deploy_act_scale == pytest.approx(signed.act_scale)  # s8 does not depend on the target
+    assert unsigned.deploy_act_scale == pytest.approx(unsigned.act_scale * factor)
+
+
+@pytest.mark.parametrize("target", ["vnni", "portable"])
+def test_low_bit_and_residual_inputs_keep_their_simulated_grid_on_every_target(target):
+    four_bit = _plans_for(target, act_bits=4)["2"]
+    assert four_bit.deploy_act_scale == pytest.approx(four_bit.act_scale * 255 / 7)  # codes 0..7 as simulated
+    residual = _plans_for(target)["4.conv1"]
+    assert not residual.act_signed
+    assert residual.deploy_act_scale == pytest.approx(residual.act_scale * 255 / 127)  # the block's u8 grid
