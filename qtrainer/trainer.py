@@ -367,6 +367,21 @@ class Trainer:
         for logger in self.loggers:
             logger.log_histogram(tag, np.asarray(values), step)
 
+    def log_image(self, tag: str, image: Any, step: int | None = None) -> None:
+        """Send an ``HxWx3`` uint8 picture to every logger that draws them (rank 0 only)."""
+        if not self.is_global_zero:
+            return
+        step = self.global_step if step is None else step
+        for logger in self.loggers:
+            logger.log_image(tag, np.asarray(image), step)
+
+    def log_layout(self, layout: dict[str, dict[str, list]]) -> None:
+        """Send a chart layout of the scalars (see ``Logger.log_layout``) to every logger (rank 0 only)."""
+        if not self.is_global_zero:
+            return
+        for logger in self.loggers:
+            logger.log_layout(layout)
+
     # -- public entry points -----------------------------------------------------------
     def fit(self, model: Module, train_dataloaders: Iterable | None = None, val_dataloaders: Iterable | None = None,
             callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> None:

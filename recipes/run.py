@@ -82,6 +82,8 @@ class Settings:
     runtime: str = "paddle"
     export_formats: tuple[str, ...] = ()  # written besides the Paddle model ('openvino', 'onnx')
     target: str = "auto"  # the CPUs the int8 export is for (qtrainer.quant.export.isa.EXPORT_TARGETS)
+    bias_correction: bool = False  # PTQ: correct each layer's bias by its mean output error
+    max_drop: float | None = None  # PTQ: the export's accuracy-aware fallback (top-1 points lost, as a fraction)
 
     @property
     def export_kwargs(self) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--pretrained", help="FP32 weights: a .pdparams file of this architecture, or 'imagenet' (Paddle's download)")
     parser.add_argument("--from-scratch", action="store_true", help="allow QAT/PTQ/dynamic without FP32 weights")
     parser.add_argument("--pact", action="store_true", help="QAT with PACT activation clipping")
-    parser.add_argument("--weight-bits", type=int, default=8, help="QAT weight bits (e.g. 4 with --pact)")
+    parser.add_argument("--weight-bits", type=int, default=8, help="weight bits of QAT and PTQ (e.g. 4 with --pact)")
     parser.add_argument("--calibrator", default="KLQuantizer", choices=CALIBRATORS, help="PTQ activation calibrator")
     parser.add_argument("--calib-batches", type=int)
     parser.add_argument("--dynamic-bits", type=int, default=8, choices=(8, 16), help="weight bits of dynamic quantization")
@@ -144,6 +146,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="the CPUs the int8 export is for: auto (this CPU's kind), vnni (AVX-512 VNNI / "
                              "AVX-VNNI / AMX: unsigned activations on the full u8 grid), avx2 or portable "
                              "(correct on every x86-64 CPU with AVX2)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="PTQ: correct each quantized layer's bias by its mean output error on calibration batches")
+    parser.add_argument("--max-drop", type=float,
+                        help="PTQ: keep the most sensitive layers in float until the deployed top-1 loses at most this "
+                             "much against FP32 on 20 validation batches (a fraction: 0.005 = 0.5 pt)")
     args = parser.parse_args(argv)
 
     arch = ARCHS[args.arch]
@@ -172,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         calibrator=args.calibrator, dynamic_bits=args.dynamic_bits, val_batches=args.val_batches,
         train_limit=args.train_limit, seed=args.seed, threads=args.threads, check_time_limit=args.check_time_limit,
         overwrite=args.overwrite, runtime=args.runtime, export_formats=tuple(args.export or ()),
-        target=args.target,
+        target=args.target, bias_correction=args.bias_correction, max_drop=args.max_drop,
     )
 
 
@@ -389,14 +396,18 @@ def run_ptq(s: Settings, loaders) -> dict[str, Any]:
     train, val, num_classes = loaders
     net, source = initial_net(s, num_classes, "ptq")
     export_dir = os.path.join(s.method_dir("ptq"), "export")
-    callback = PTQCallback({"activation_quantizer": s.calibrator}, calib_batches=s.calib_batches,
+    callback = PTQCallback({"activation_quantizer": s.calibrator, "weight_bits": s.weight_bits},
+                           calib_batches=s.calib_batches, bias_correction=s.bias_correction, max_drop=s.max_drop,
                            export_dir=export_dir, input_spec=input_spec(s), export_kwargs=s.export_kwargs)
     trainer = make_trainer(s, "ptq", 1, None)
     start = time.perf_counter()
     trainer.fit(_module(s, net, s.fp32_lr), train, val, callbacks=[callback])
     seconds = time.perf_counter() - start
     results = deployment_results(s, trainer.module.net, os.path.join(export_dir, "model"), val)
-    return {"from": source, "calibrator": s.calibrator, "calib_batches": s.calib_batches, "calib_seconds": seconds,
+    return {"from": source, "calibrator": s.calibrator, "weight_bits": s.weight_bits,
+            "bias_correction": s.bias_correction, "max_drop": s.max_drop,
+            "accuracy_fallback": getattr(callback.export_report, "accuracy", None),
+            "calib_batches": s.calib_batches, "calib_seconds": seconds,
             "export": export_dir, "export_check": _report_summary(callback.export_report), **results}
 
 

@@ -8,8 +8,9 @@ from typing import Any
 from qtrainer._checks import check_positive_int
 from qtrainer.callbacks._quant_export import QuantExportCallback
 from qtrainer.callbacks.progress import TQDMProgressBar
-from qtrainer.quant.diagnostics.log_stats import log_quant_stats
+from qtrainer.quant.diagnostics.log_stats import QuantStatsLog
 from qtrainer.quant.diagnostics.ptq_report import PTQReport
+from qtrainer.quant.export.accuracy_fallback import check_max_drop
 from qtrainer.quant.export.samples import input_spec_for, spread_inputs
 from qtrainer.quant.methods.ptq import PTQ, pause_calibration
 from qtrainer.quant.methods.ptq_pipeline import calibrate_and_freeze
@@ -41,10 +42,13 @@ class PTQCallback(QuantExportCallback):
       on ``check_batches`` validation batches: one engine call,
       ``qtrainer.quant.calibrate_and_freeze``. Then it runs ``trainer.run_validation()``
       (the quantized model's metrics reach the loggers and ``trainer.log_history``),
-      logs statistics under ``quant/<layer>/...`` (the chosen threshold and every calibrator's
+      logs statistics as ``quant/<stat>/<layer>`` (the chosen threshold and every calibrator's
       threshold on the same histogram, the activation histogram, the fraction clipped, the
-      output SQNR, plus the weight statistics QAT logs), and sets ``trainer.should_stop`` so that
-      no training epoch runs.
+      output SQNR, plus the weight statistics QAT logs), so TensorBoard shows each statistic as
+      one section across layers, with a custom-scalars layout (one chart per statistic, all
+      layers in it) and per-layer bar charts (weight and output SQNR, fraction clipped, scale;
+      images ``quant_charts/<stat>``), and sets ``trainer.should_stop`` so that no training
+      epoch runs.
     * ``on_fit_start`` (before calibrating): checks the export target as ``QATCallback`` does
       (absent, this run's own after a resume, or ``export_kwargs={'overwrite': True}``; otherwise
       ``FileExistsError`` before any work).
@@ -68,6 +72,13 @@ class PTQCallback(QuantExportCallback):
         check_batches: batches for the export's self-check and for the per-layer report.
         log_stats: log the statistics to the trainer's loggers.
         report: write the per-layer table.
+        bias_correction: after freezing, correct each quantized layer's bias by its mean output
+            error on the first ``bias_batches`` calibration batches (all ranks' batches in a
+            data-parallel run; ``qtrainer.quant.correct_bias``).
+        max_drop: the export's accuracy-aware fallback: the largest loss of top-1 accuracy (or
+            ``export_kwargs['metric']``; 0.005 = half a point) the deployed model may have against
+            the float model on the first ``eval_batches`` validation batches; the most sensitive
+            layers are kept in float until it holds (``export_quantized_model(max_drop=...)``).
         export_kwargs: more arguments for ``qtrainer.quant.export_quantized_model``.
 
     Raises (at ``fit``): ``ValueError`` when the module is already quantized or the calibration
@@ -87,6 +98,10 @@ class PTQCallback(QuantExportCallback):
         check_batches: int = 4,
         log_stats: bool = True,
         report: bool = True,
+        bias_correction: bool = False,
+        bias_batches: int = 8,
+        max_drop: float | None = None,
+        eval_batches: int | None = 20,
         export_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(config, PTQ):
@@ -101,6 +116,13 @@ class PTQCallback(QuantExportCallback):
         check_positive_int("calib_batches", calib_batches, allow_none=True, owner="PTQCallback")
         if check_batches != 0:  # 0 = no self-check samples, no report
             check_positive_int("check_batches", check_batches, hint=" or 0", owner="PTQCallback")
+        check_positive_int("bias_batches", bias_batches, owner="PTQCallback")
+        check_positive_int("eval_batches", eval_batches, allow_none=True, owner="PTQCallback")
+        check_max_drop(max_drop, [] if max_drop is not None else None, None, "max")
+        self.bias_correction = bool(bias_correction)
+        self.bias_batches = bias_batches
+        self.max_drop = max_drop
+        self.eval_batches = eval_batches
         self.calib_epochs = calib_epochs
         self.calib_batches = calib_batches
         self.export_dir = export_dir
@@ -109,6 +131,7 @@ class PTQCallback(QuantExportCallback):
         self.fuse_list = fuse_list
         self.check_batches = check_batches
         self.log_stats = bool(log_stats)
+        self._stats_log = QuantStatsLog()
         self.write_report = bool(report)
         self.export_kwargs = dict(export_kwargs or {})
         self.quantized_layers: list[str] = []
@@ -118,6 +141,7 @@ class PTQCallback(QuantExportCallback):
         self.report: PTQReport | None = None
         self.report_files: dict[str, str] = {}
         self.export_report = None
+        self.bias_correction_result = None
         self.run_id: str | None = None
 
     @property
@@ -127,6 +151,12 @@ class PTQCallback(QuantExportCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.ptq.to_dict(), "quantized_layers": list(self.quantized_layers),
                 "calibration_batches": self.calibration_batches, "run_id": self.run_id}
+
+    def on_fit_start(self, trainer, module) -> None:
+        if self.max_drop is not None and trainer.val_dataloaders is None:  # before any calibration
+            raise ValueError("PTQCallback(max_drop=...) needs a validation loader (trainer.fit(module, "
+                             "train_loader, val_loader)): the deployed model is measured on it")
+        super().on_fit_start(trainer, module)
 
     # -- quantize -----------------------------------------------------------------------------
     def configure_model(self, trainer, module) -> None:
@@ -161,8 +191,11 @@ class PTQCallback(QuantExportCallback):
             all_reduce=trainer.strategy.all_reduce if trainer.world_size > 1 else None,
             report_inputs=self.sample_loader(trainer) if wants_report else None,
             report_batches=self.check_batches,
+            bias_correction=self.bias_correction,
+            bias_batches=self.bias_batches,
         )
         self.calibration_batches, self.report = result.batches, result.report
+        self.bias_correction_result = result.bias_correction
         self.validation_metrics = trainer.run_validation()
         if self.log_stats and trainer.loggers:
             self._log(trainer, module)
@@ -175,10 +208,12 @@ class PTQCallback(QuantExportCallback):
         )
 
     def _log(self, trainer, module) -> None:
-        log_quant_stats(trainer, module)
-        if self.report is None or not trainer.is_global_zero:
+        self._stats_log.reset()
+        with_report = self.report is not None and trainer.is_global_zero
+        scalars = self._stats_log.log(trainer, module, extra_scalars=self.report.scalars() if with_report else None)
+        self._stats_log.log_charts(trainer, scalars)
+        if not with_report:
             return
-        trainer.log_metrics(self.report.scalars(), trainer.global_step)
         for tag, (edges, counts) in self.report.histograms().items():
             for logger in trainer.loggers:
                 logger.log_histogram_raw(tag, edges, counts, trainer.global_step)
@@ -192,9 +227,13 @@ class PTQCallback(QuantExportCallback):
             samples = spread_inputs(self.sample_loader(trainer), self.check_batches)
             input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
             prefix = self.export_prefix(trainer)
+            accuracy = {}
+            if self.max_drop is not None:
+                accuracy = {"max_drop": self.max_drop, "eval_loader": trainer.val_dataloaders,
+                            "eval_batches": self.eval_batches}
             self.export_report = self.ptq.save_quantized_model(
                 module, prefix, input_spec=input_spec, sample_inputs=samples or None,
-                **{"run_id": self.run_id, **self.export_kwargs}
+                **{"run_id": self.run_id, **accuracy, **self.export_kwargs}
             )
             log.info("PTQ export written to %s", prefix)
         if self.write_report and self.report is not None:

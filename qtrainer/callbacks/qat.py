@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from qtrainer._checks import check_positive_int
 from qtrainer.callbacks._quant_export import QuantExportCallback
 from qtrainer.quant.config import QuantConfig
-from qtrainer.quant.diagnostics.log_stats import log_quant_stats
+from qtrainer.quant.diagnostics.log_stats import QuantStatsLog
 from qtrainer.quant.diagnostics.stats import record_activation_clipping
 from qtrainer.quant.diagnostics.sync import SYNC_MODES, QuantStateSync, scale_spread_metrics
 from qtrainer.quant.export.orchestration import export_quantized_model
@@ -35,9 +36,17 @@ class QATCallback(QuantExportCallback):
       each scale across ranks before that is logged as ``quant/scale_spread/<layer>...``.
       PACT's α gets no gradient during its data-driven warm-up; its layer declares that
       (``may_leave_parameters_unused``) and the data-parallel strategy acts on it.
-    * every ``trainer.log_every_n_steps`` optimizer steps and at each epoch end: logs per-layer
-      statistics under ``quant/<layer>/...`` (activation scale, PACT α, fraction of values
-      clipped, weight SQNR, weight-scale histograms) to the trainer's loggers.
+    * every ``log_stats_every_n_steps`` optimizer steps (default: every
+      ``min(10, trainer.log_every_n_steps)``, so a short run still gets a curve) and at each epoch
+      end: logs per-layer statistics as ``quant/<stat>/<layer>`` (activation scale, PACT α,
+      fraction of values clipped, weight SQNR, weight-scale histograms), so TensorBoard shows each
+      statistic as one section across layers, plus ``quant/summary/...`` aggregates. The fraction
+      clipped is measured only on those steps and on each epoch's last batch (it costs extra
+      passes). The first time, it also writes a custom-scalars layout (``trainer.log_layout``: one
+      multiline chart per statistic, all layers in it; one per aggregate). At each epoch end it
+      adds bar charts, one bar per layer, of the weight SQNR, the fraction clipped and the
+      activation scale (``trainer.log_image``, tags ``quant_charts/<stat>``). Loggers that cannot
+      draw layouts or images ignore them.
     * ``on_fit_start`` (after a checkpoint is restored, before any training): checks the export
       target. Absent: fine. Written by this same run (the ``run_id`` kept in the callback's
       checkpoint state matches the one in ``model.quant.json``: a run killed after its export and
@@ -56,6 +65,8 @@ class QATCallback(QuantExportCallback):
         input_spec: the export's ``InputSpec`` list (default: from a sample batch).
         check_batches: batches used by the export's self-check.
         log_stats: log the scale statistics.
+        log_stats_every_n_steps: optimizer steps between two statistics logs (a positive int);
+            None = ``min(10, trainer.log_every_n_steps)``.
         export_kwargs: more arguments for ``export_quantized_model``.
         sync: how ranks combine scales in a data-parallel run: ``"auto"`` (max for abs-max
             scales, mean for moving averages and PACT α), ``"mean"``, ``"max"`` (a moving average
@@ -75,11 +86,14 @@ class QATCallback(QuantExportCallback):
         input_spec: list | None = None,
         check_batches: int = 4,
         log_stats: bool = True,
+        log_stats_every_n_steps: int | None = None,
         export_kwargs: dict[str, Any] | None = None,
         sync: str | None = "auto",
     ) -> None:
         if sync is not None and sync not in SYNC_MODES:
             raise ValueError(f"QATCallback(sync={sync!r}): use one of {', '.join(map(repr, SYNC_MODES))} or None")
+        check_positive_int("log_stats_every_n_steps", log_stats_every_n_steps, allow_none=True,
+                           hint=" (None = min(10, trainer.log_every_n_steps))", owner="QATCallback")
         self.config = QuantConfig.from_dict(config)
         if export_dir is not False:  # refuse now what the export at the end could not deploy
             self.config.require_deployable_bits("QATCallback config")
@@ -89,6 +103,8 @@ class QATCallback(QuantExportCallback):
         self.input_spec = input_spec
         self.check_batches = check_batches
         self.log_stats = log_stats
+        self.log_stats_every_n_steps = log_stats_every_n_steps
+        self._stats_log = QuantStatsLog()
         self.export_kwargs = dict(export_kwargs or {})
         self.export_report = None
         self.quantized_layers: list[str] = []
@@ -122,31 +138,43 @@ class QATCallback(QuantExportCallback):
         super().load_state_dict(state)
 
     # -- statistics ---------------------------------------------------------------------------
-    def _logging_step_next(self, trainer) -> bool:
-        return self.log_stats and bool(trainer.loggers) and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+    def stats_interval(self, trainer) -> int:
+        """Optimizer steps between two statistics logs in ``trainer``'s run."""
+        if self.log_stats_every_n_steps is not None:
+            return self.log_stats_every_n_steps
+        return min(10, trainer.log_every_n_steps)
+
+    def _stats_wanted(self, trainer) -> bool:
+        return bool(self.log_stats and trainer.loggers)
+
+    def _logs_stats_at(self, trainer, step: int) -> bool:
+        return self._stats_wanted(trainer) and step % self.stats_interval(trainer) == 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if self._logging_step_next(trainer):
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # the epoch-end statistics follow it
+        if self._logs_stats_at(trainer, trainer.global_step + 1) or (last_of_epoch and self._stats_wanted(trainer)):
             record_activation_clipping(module, True)
 
     def on_train_start(self, trainer, module) -> None:
+        self._stats_log.reset()  # a new run: its event files get the layout again
         self._sync = None
         if self.sync is not None and trainer.world_size > 1:
             self._sync = QuantStateSync(module, trainer.strategy.all_gather, mode=self.sync)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        log_now = self.log_stats and trainer.loggers and trainer.global_step % trainer.log_every_n_steps == 0
+        log_now = self._logs_stats_at(trainer, trainer.global_step)
         if self._sync is not None:
             spreads = self._sync()
             if log_now:
                 trainer.log_metrics(scale_spread_metrics(spreads))
         if log_now:
-            log_quant_stats(trainer, module)
+            self._stats_log.log(trainer, module)
         record_activation_clipping(module, False)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        if self.log_stats and trainer.loggers:
-            log_quant_stats(trainer, module)
+        if self._stats_wanted(trainer):
+            scalars = self._stats_log.log(trainer, module)
+            self._stats_log.log_charts(trainer, scalars)
 
     # -- export -------------------------------------------------------------------------------
     def on_fit_end(self, trainer, module) -> None:

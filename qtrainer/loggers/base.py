@@ -13,8 +13,8 @@ class Logger:
 
     The Trainer calls ``log_metrics`` with plain floats, ``log_hyperparams`` once per fit, and
     ``finalize`` at the end of every run (``status`` is ``"success"``, ``"failed"`` or
-    ``"interrupted"``). ``log_histogram`` and ``log_histogram_raw`` are optional: loggers that
-    cannot draw histograms ignore them.
+    ``"interrupted"``). ``log_histogram``, ``log_histogram_raw``, ``log_image`` and ``log_layout``
+    are optional: loggers that cannot draw histograms, images or chart layouts ignore them.
     Only rank 0 writes; the Trainer does not call loggers on other ranks.
     """
 
@@ -45,6 +45,15 @@ class Logger:
 
         Optional, like ``log_histogram`` (used for histograms kept as counts, e.g. PTQ activation
         histograms, whose values are not stored).
+        """
+
+    def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An ``HxWx3`` (or ``HxWx1`` / ``HxWx4``) uint8 picture. Optional, like ``log_histogram``."""
+
+    def log_layout(self, layout: Mapping[str, Mapping[str, list]]) -> None:
+        """How to arrange scalars into charts: ``{category: {title: ["Multiline", [tag_regex, ...]]}}``
+        (or ``["Margin", [value, lower, upper]]``), TensorBoard's custom-scalars layout. Optional;
+        a later call replaces the layout of the run.
         """
 
     def save(self) -> None:

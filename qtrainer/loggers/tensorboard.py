@@ -1,8 +1,9 @@
-"""``TensorBoardLogger``: scalars, histograms and hyperparameters as TensorBoard event files."""
+"""``TensorBoardLogger``: scalars, histograms, images, chart layouts and hyperparameters as TensorBoard event files."""
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,7 +26,8 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
     writer is closed, and the next write opens a new event file in the same run. ``log_hyperparams`` writes
     ``hparams.json`` and the HParams-plugin records into the run itself, so TensorBoard's HParams
     tab shows each version as one session whose metric columns are the final values of every
-    scalar logged in it (the list is written by ``finalize``).
+    scalar logged in it (the list is written by ``finalize``). ``log_image`` draws pictures in the
+    Images tab; ``log_layout`` arranges scalars into charts of the Custom Scalars tab.
 
     Args:
         save_dir: parent directory of the logs; checked at construction (must be creatable/writable).
@@ -132,6 +134,23 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
             global_step=step,
         )
 
+    def log_image(self, tag: str, image: np.ndarray, step: int | None = None) -> None:
+        """Draw an ``HxWxC`` uint8 picture (C = 1, 3 or 4) in the Images tab."""
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+            raise ValueError(
+                f"{type(self).__name__}.log_image({tag!r}): needs an HxWxC array with C = 1, 3 or 4, "
+                f"got shape {array.shape}"
+            )
+        if array.dtype != np.uint8:
+            raise TypeError(f"{type(self).__name__}.log_image({tag!r}): needs uint8 pixels, got {array.dtype}")
+        self.experiment.add_image(tag, array, step, dataformats="HWC")
+
+    def log_layout(self, layout: Mapping[str, Mapping[str, list]]) -> None:
+        """Write a custom-scalars layout (see ``Logger.log_layout``); TensorBoard uses the run's latest."""
+        checked = _check_layout(layout, type(self).__name__)  # before the writer creates the directory
+        self.experiment.add_custom_scalars(checked)
+
     def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         """Record ``params`` (nested dicts are flattened with ``/``) and, if given, final ``metrics``.
 
@@ -196,6 +215,48 @@ class TensorBoardLogger(_log_dir.VersionedLogDir, Logger):
         writer = self.experiment
         writer.file_writer.add_summary(experiment)
         writer.file_writer.add_summary(end_summary)
+
+
+_CHART_KINDS = {"Multiline": None, "Margin": 3}  # chart kind -> the number of tags it needs (None: >= 1)
+
+
+def _check_layout(layout: Any, owner: str) -> dict[str, dict[str, list]]:
+    """``layout`` as plain dicts and lists, or a ``ValueError``/``TypeError`` naming the bad entry."""
+    where = f"{owner}.log_layout"
+    if not isinstance(layout, Mapping) or not layout:
+        raise TypeError(f"{where}: layout must be a non-empty mapping {{category: {{title: [kind, tags]}}}}, "
+                        f"got {layout!r}")
+    out: dict[str, dict[str, list]] = {}
+    for category, charts in layout.items():
+        if not isinstance(category, str) or not isinstance(charts, Mapping) or not charts:
+            raise TypeError(f"{where}: category {category!r} must be a str mapping to a non-empty "
+                            f"{{title: [kind, tags]}} dict, got {charts!r}")
+        bad_titles = [title for title in charts if not isinstance(title, str) or not title]
+        if bad_titles:
+            raise TypeError(f"{where}: chart titles must be non-empty str, got {bad_titles!r} in {category!r}")
+        out[category] = {title: _check_chart(chart, f"{where}: chart {category!r}/{title!r}")
+                         for title, chart in charts.items()}
+    return out
+
+
+def _check_chart(chart: Any, where: str) -> list:
+    """One chart ``[kind, tags]`` as a list; ``where`` names it in the error."""
+    if not isinstance(chart, (list, tuple)) or len(chart) != 2 or chart[0] not in _CHART_KINDS:
+        raise ValueError(f"{where} = {chart!r}: use [kind, [tag regex, ...]] with kind one of "
+                         f"{', '.join(map(repr, _CHART_KINDS))}")
+    kind, tags = chart
+    if not isinstance(tags, (list, tuple)) or not tags or not all(isinstance(t, str) and t for t in tags):
+        raise ValueError(f"{where}: tags must be a non-empty list of non-empty str, got {tags!r}")
+    needed = _CHART_KINDS[kind]
+    if needed is not None and len(tags) != needed:
+        raise ValueError(f"{where}: a {kind} chart needs {needed} tags (value, lower, upper), got {len(tags)}")
+    if kind == "Multiline":  # TensorBoard matches each tag of the run against these regexes
+        for regex in tags:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"{where}: {regex!r} is not a regex ({exc})") from exc
+    return [kind, list(tags)]
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

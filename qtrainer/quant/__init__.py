@@ -10,8 +10,10 @@ PTQ, dynamic), ``export`` (the int8 export), ``diagnostics`` (statistics, PTQ re
 from qtrainer.quant.base import Observer, Quanter
 from qtrainer.quant.config import SUPPORTED_LAYER_TYPES, QuantConfig
 from qtrainer.quant.diagnostics.ptq_report import build_ptq_report
+from qtrainer.quant.diagnostics.sensitivity import SensitivityReport, sensitivity
 from qtrainer.quant.diagnostics.stats import collect_quant_stats, flatten_for_logging, record_activation_clipping
 from qtrainer.quant.export import ExportCheckError, ExportReport, export_quantized_model
+from qtrainer.quant.methods.bias_correction import BiasCorrection, correct_bias
 from qtrainer.quant.methods.dynamic import quant_post_dynamic, quantize_dygraph_weights
 from qtrainer.quant.methods.ptq import PTQ, calibrate, freeze
 from qtrainer.quant.methods.ptq_pipeline import calibrate_and_freeze
@@ -32,6 +34,7 @@ from qtrainer.quant.transforms.wrap import (
     QuantedConv2D,
     QuantedLayer,
     QuantedLinear,
+    computing_float,
     iter_quanted_layers,
     quant_sync_modes,
     quantize_model,
@@ -39,6 +42,7 @@ from qtrainer.quant.transforms.wrap import (
 
 __all__ = [
     "QAT", "QATCallback", "PTQ", "PTQCallback", "calibrate", "freeze", "calibrate_and_freeze", "build_ptq_report",
+    "correct_bias", "BiasCorrection", "computing_float", "sensitivity", "SensitivityReport",
     "quant_post_dynamic", "quantize_dygraph_weights",
     "export_quantized_model", "ExportReport", "ExportCheckError",
     "QuantConfig", "SUPPORTED_LAYER_TYPES", "quantize_model", "iter_quanted_layers", "quant_sync_modes",

@@ -103,12 +103,12 @@ def test_validates_logs_reports_and_exports(tmp_path):
         rows = list(csv.DictReader(handle))
     logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
     first = module.net[0]
-    assert logged["quant/net.0/act_threshold"] == pytest.approx(float(first.act_scale().numpy()[0]))
+    assert logged["quant/act_threshold/net.0"] == pytest.approx(float(first.act_scale().numpy()[0]))
     for stat in ("act_threshold_kl", "act_threshold_hist", "act_threshold_mse", "act_threshold_absmax",
                  "act_clip_fraction", "output_sqnr_db", "accumulated_output_sqnr_db", "weight_sqnr_db"):
         for layer in ("net.0", "net.4", "net.9"):
-            assert np.isfinite(logged[f"quant/{layer}/{stat}"]), (layer, stat)
-    assert logged["quant/net.0/act_threshold_kl"] == logged["quant/net.0/act_threshold"]  # KL is the default
+            assert np.isfinite(logged[f"quant/{stat}/{layer}"]), (layer, stat)
+    assert logged["quant/act_threshold_kl/net.0"] == logged["quant/act_threshold/net.0"]  # KL is the default
     assert "quant/summary/model_output_sqnr_db" in logged
 
     # the export and the per-layer table next to it
@@ -151,11 +151,33 @@ def test_activation_histograms_reach_tensorboard(tmp_path):
     trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, logger=logger))
     trainer.fit(_module(), *_loaders(), callbacks=[PTQCallback(calib_batches=2, export_dir=False, report=False)])
     histograms = _histogram_events(logger.log_dir)
-    act = histograms["quant/net.0/act_histogram"]
+    act = histograms["quant/act_histogram/net.0"]
     assert act.num == 2 * BATCH * 28 * 28  # every value of the input layer's calibration batches
     assert act.min >= 0 and act.max >= 2.0  # |x| of the normalised images reaches (1 - 0.286) / 0.353
     assert sum(act.bucket) == act.num
-    assert "quant/net.0/weight_scale" in histograms  # the weight statistics QAT logs too
+    assert "quant/weight_scale/net.0" in histograms  # the weight statistics QAT logs too
+
+
+def test_layout_and_per_layer_charts_reach_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="TensorBoard's event reader is not installed")
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(str(tmp_path))
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, logger=logger))
+    trainer.fit(_module(), *_loaders(), callbacks=[PTQCallback(calib_batches=2, check_batches=1, export_dir=False,
+                                                               report=False)])
+    acc = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"quant/act_threshold/net.0", "quant/output_sqnr_db/net.9"} <= set(tags["scalars"])
+    assert {f"quant_charts/{stat}" for stat in ("weight_sqnr_db", "output_sqnr_db", "act_clip_fraction",
+                                                "act_scale")} == set(tags["images"])
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["act_threshold"] == ["quant/act_threshold/.*"]  # the report's statistics too
+    assert {"act_threshold_kl", "output_sqnr_db", "weight_sqnr_db", "model_output_sqnr_db"} <= set(charts)
 
 
 class _Nothing:
@@ -181,6 +203,9 @@ def test_empty_calibration_data_is_a_clear_error(tmp_path):
     ({"check_batches": -1}, ValueError, r"check_batches=-1"),
     ({"config": "KLQuantizer"}, TypeError, r"dict of PTQ arguments"),
     ({"config": {"activation_quantizer": "Entropy"}}, ValueError, r"unknown activation_quantizer"),
+    ({"bias_batches": 0}, ValueError, r"bias_batches=0"),
+    ({"max_drop": -1}, ValueError, r"max_drop=-1 must be a number >= 0"),
+    ({"eval_batches": 0}, ValueError, r"eval_batches=0"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -234,3 +259,24 @@ def test_an_existing_export_is_refused_before_calibrating(tmp_path):
         trainer.fit(_module(), *_loaders(), callbacks=[callback])
     assert callback.calibration_batches == 0
     assert (tmp_path / "export" / "model.quant.json").read_text() == '{"run_id": "an earlier run"}'
+
+
+def test_bias_correction_and_max_drop_reach_the_engine_and_the_export(tmp_path):
+    callback = PTQCallback({"weight_bits": 4}, calib_batches=2, bias_correction=True, bias_batches=2, max_drop=0.02,
+                           eval_batches=2, export_dir=str(tmp_path / "export"), report=False)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(_module(), *_loaders(), callbacks=[callback])
+    corrected = callback.bias_correction_result
+    assert corrected.batches == 2 and set(corrected.corrected) == set(callback.quantized_layers)
+    accuracy = callback.export_report.accuracy
+    assert accuracy["max_drop"] == 0.02 and accuracy["eval_batches"] == 2
+    assert accuracy["met"] is (accuracy["drop"] <= 0.02) and accuracy["attempts"]
+    with open(tmp_path / "export" / "model.quant.json") as handle:
+        assert json.load(handle)["accuracy"]["kept_float"] == accuracy["kept_float"]
+
+
+def test_max_drop_without_a_validation_loader_is_a_clear_error(tmp_path):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(ValueError, match=r"max_drop=...\) needs a validation loader"):
+        trainer.fit(_module(), _loaders()[0], callbacks=[PTQCallback(calib_batches=2, max_drop=0.01,
+                                                                       export_dir=str(tmp_path / "e"), report=False)])

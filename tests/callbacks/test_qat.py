@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import paddle
@@ -13,7 +14,7 @@ from paddle import nn
 from qtrainer import ClassificationModule, Trainer
 from qtrainer.callbacks import ModelCheckpoint
 from qtrainer.checkpoint_io import CheckpointError
-from qtrainer.loggers import CSVLogger
+from qtrainer.loggers import CSVLogger, Logger, TensorBoardLogger
 from qtrainer.quant import QATCallback, iter_quanted_layers
 
 from helpers import NoisyPoints, quiet_trainer_kwargs
@@ -105,13 +106,99 @@ def test_scale_statistics_reach_the_logger(tmp_path):
     trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=False)])
     rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
     columns = set(rows[0])
-    assert {"quant/net.0/act_scale", "quant/net.0/weight_sqnr_db", "quant/net.5/act_clip_fraction"} <= columns
-    steps = [r["step"] for r in rows if r.get("quant/net.0/act_scale")]
+    assert {"quant/act_scale/net.0", "quant/weight_sqnr_db/net.0", "quant/act_clip_fraction/net.5"} <= columns
+    steps = [r["step"] for r in rows if r.get("quant/act_scale/net.0")]
     assert steps == ["4", "8", "8"]  # every log_every_n_steps, and at the epoch end
-    scale = [float(r["quant/net.0/act_scale"]) for r in rows if r.get("quant/net.0/act_scale")]
+    scale = [float(r["quant/act_scale/net.0"]) for r in rows if r.get("quant/act_scale/net.0")]
     assert all(s > 0 for s in scale)
-    clip = [r["quant/net.5/act_clip_fraction"] for r in rows if r.get("quant/net.5/act_clip_fraction")]
+    clip = [r["quant/act_clip_fraction/net.5"] for r in rows if r.get("quant/act_clip_fraction/net.5")]
     assert clip and all(0.0 <= float(c) <= 1.0 for c in clip)
+
+
+def _stat_steps(tmp_path, epochs=1, **callback_kwargs):
+    """Steps of the CSV rows holding statistics, and those holding a clipped fraction, of a QAT fit."""
+    logger = CSVLogger(str(tmp_path))
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=epochs, logger=logger, log_every_n_steps=50))
+    trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=False, **callback_kwargs)])
+    rows = list(csv.DictReader(open(logger.metrics_file_path)))
+    return ([r["step"] for r in rows if r.get("quant/act_scale/net.0")],
+            [r["step"] for r in rows if r.get("quant/act_clip_fraction/net.0")])
+
+
+def test_statistics_default_to_every_10_steps_in_a_short_run(tmp_path):
+    steps, clipped = _stat_steps(tmp_path, epochs=2)  # 8 steps per epoch; the trainer logs every 50
+    assert steps == ["8", "10", "16"]  # the first epoch's end, step 10, the second epoch's end
+    assert clipped == steps  # measured on the logging steps and the last batch of each epoch
+
+
+def test_statistics_follow_log_stats_every_n_steps(tmp_path):
+    steps, _ = _stat_steps(tmp_path, log_stats_every_n_steps=3)
+    assert steps == ["3", "6", "8"]
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, True, "10"])
+def test_a_bad_log_stats_interval_is_named(value):
+    with pytest.raises(ValueError, match=rf"QATCallback\(log_stats_every_n_steps={value!r}\): use a positive integer"):
+        QATCallback(export_dir=False, log_stats_every_n_steps=value)
+
+
+class _Recording(Logger):
+    """A logger that keeps what reaches it."""
+
+    def __init__(self):
+        self.metrics, self.layouts, self.images = {}, [], []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.update(metrics)
+
+    def log_layout(self, layout):
+        self.layouts.append(layout)
+
+    def log_image(self, tag, image, step):
+        self.images.append((tag, image.shape, image.dtype, step))
+
+
+def test_layout_once_and_charts_each_epoch_reach_the_loggers(tmp_path):
+    recording = _Recording()
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=2, logger=[recording, CSVLogger(str(tmp_path))],
+                                             log_every_n_steps=4))
+    trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=False)])
+    (layout,) = recording.layouts  # every statistic is there the first time: written once
+    assert {"act_scale", "act_clip_fraction", "weight_sqnr_db"} <= set(layout["quant"])
+    assert layout["quant"]["act_scale"] == ["Multiline", ["quant/act_scale/.*"]]
+    assert {"min_weight_sqnr_db", "mean_act_clip_fraction"} <= set(layout["quant/summary"])
+    for charts in layout.values():
+        for title, (_, (regex,)) in charts.items():  # every chart has curves
+            assert any(re.match(regex, tag) for tag in recording.metrics), title
+    images = {(tag, step) for tag, _, _, step in recording.images}
+    assert images == {(f"quant_charts/{stat}", step) for stat in ("weight_sqnr_db", "act_clip_fraction", "act_scale")
+                      for step in (8, 16)}  # at each epoch end
+    assert all(len(shape) == 3 and shape[2] == 3 and dtype == np.uint8 for _, shape, dtype, _ in recording.images)
+
+
+def test_statistics_reach_tensorboard_grouped_by_statistic(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="TensorBoard's event reader is not installed")
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(str(tmp_path))
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=4))
+    trainer.fit(module(), *loaders(), callbacks=[QATCallback(export_dir=False)])
+    acc = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    quant = [t for t in tags["scalars"] if t.startswith("quant/")]
+    assert {"quant/act_scale/net.0", "quant/act_scale/net.5", "quant/weight_sqnr_db/net.0"} <= set(quant)
+    assert not [t for t in quant if t.split("/")[1] in ("net.0", "net.5")]  # no per-layer sections
+    assert [e.step for e in acc.Scalars("quant/act_scale/net.0")] == [4, 8, 8]
+    assert "quant/weight_scale/net.0" in tags["histograms"]
+    assert {"quant_charts/weight_sqnr_db", "quant_charts/act_scale"} <= set(tags["images"])
+    (image,) = acc.Images("quant_charts/weight_sqnr_db")
+    assert image.step == 8 and image.width > 100 and image.height > 20
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["act_scale"] == ["quant/act_scale/.*"] and charts["weight_sqnr_db"] == ["quant/weight_sqnr_db/.*"]
 
 
 # -- the export target: this run's own export is replaced on resume, anything else is refused up front

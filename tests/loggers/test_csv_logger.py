@@ -97,3 +97,10 @@ def test_bad_metrics_are_named_and_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="'step' is the step column"):
         logger.log_metrics({"step": 1.0}, step=0)
     assert not os.path.exists(logger.metrics_file_path)
+
+
+def test_images_and_layouts_are_ignored(tmp_path):
+    logger = CSVLogger(tmp_path)
+    logger.log_image("chart", np.zeros((2, 2, 3), dtype=np.uint8), step=0)
+    logger.log_layout({"quant": {"act_scale": ["Multiline", ["quant/act_scale/.*"]]}})
+    assert not os.path.exists(logger.root_dir)  # nothing written: a CSV holds numbers only

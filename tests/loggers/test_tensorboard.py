@@ -181,6 +181,83 @@ def test_bad_values_are_named(tmp_path):
         TensorBoardLogger(tmp_path, version=-1)
 
 
+def test_images_read_back_exactly(tmp_path):
+    from PIL import Image
+    import io
+
+    logger = TensorBoardLogger(tmp_path)
+    picture = np.random.default_rng(2).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    logger.log_image("charts/a", picture, step=4)
+    logger.finalize("success")
+    (event,) = [e for e in read_events(logger.log_dir) if e.summary.value and e.summary.value[0].HasField("image")]
+    value = event.summary.value[0]
+    assert event.step == 4 and value.tag == "charts/a"
+    assert (value.image.height, value.image.width, value.image.colorspace) == (5, 7, 3)
+    decoded = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, picture)
+
+
+def _layouts(log_dir):
+    """Every custom-scalars layout record of the run, in the order written, as plain dicts."""
+    from tensorboardX.proto.layout_pb2 import Layout
+
+    out = []
+    for event in read_events(log_dir):
+        for value in event.summary.value:
+            if value.tag == "custom_scalars__config__":
+                assert value.metadata.plugin_data.plugin_name == "custom_scalars"
+                layout = Layout.FromString(value.tensor.string_val[0])
+                out.append({c.title: {ch.title: (ch.WhichOneof("content"), list(ch.multiline.tag) or
+                                                 [ch.margin.series[0].value, ch.margin.series[0].lower,
+                                                  ch.margin.series[0].upper])
+                                      for ch in c.chart} for c in layout.category})
+    return out
+
+
+def test_layout_reaches_the_custom_scalars_plugin(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_layout({"quant": {"act_scale": ["Multiline", ["quant/act_scale/.*"]],
+                                 "loss": ("Margin", ["loss", "loss_low", "loss_high"])}})
+    logger.save()
+    logger.log_layout({"quant": {"act_scale": ["Multiline", ["quant/act_scale/.*", "other"]]}})  # replaces
+    logger.finalize("success")
+    assert _layouts(logger.log_dir) == [
+        {"quant": {"act_scale": ("multiline", ["quant/act_scale/.*"]),
+                   "loss": ("margin", ["loss", "loss_low", "loss_high"])}},
+        {"quant": {"act_scale": ("multiline", ["quant/act_scale/.*", "other"])}},
+    ]
+
+
+@pytest.mark.parametrize("image, error, match", [
+    (np.zeros((4, 5), dtype=np.uint8), ValueError, r"log_image\('i'\): needs an HxWxC array.*shape \(4, 5\)"),
+    (np.zeros((4, 5, 2), dtype=np.uint8), ValueError, "C = 1, 3 or 4"),
+    (np.zeros((0, 5, 3), dtype=np.uint8), ValueError, "HxWxC"),
+    (np.zeros((4, 5, 3), dtype=np.float32), TypeError, "needs uint8 pixels, got float32"),
+])
+def test_bad_images_are_named(tmp_path, image, error, match):
+    with pytest.raises(error, match=match):
+        TensorBoardLogger(tmp_path).log_image("i", image, step=0)
+
+
+@pytest.mark.parametrize("layout, error, match", [
+    ({}, TypeError, "non-empty mapping"),
+    ([("quant", {})], TypeError, "non-empty mapping"),
+    ({"quant": {}}, TypeError, "category 'quant'"),
+    ({"quant": {3: ["Multiline", ["x"]]}}, TypeError, r"chart titles must be non-empty str, got \[3\]"),
+    ({"quant": {"a": ["Bars", ["x"]]}}, ValueError, r"'quant'/'a'.*kind one of 'Multiline', 'Margin'"),
+    ({"quant": {"a": ["Multiline"]}}, ValueError, r"use \[kind, \[tag regex"),
+    ({"quant": {"a": ["Multiline", "quant/.*"]}}, ValueError, "tags must be a non-empty list"),
+    ({"quant": {"a": ["Multiline", []]}}, ValueError, "tags must be a non-empty list"),
+    ({"quant": {"a": ["Margin", ["v", "lo"]]}}, ValueError, "a Margin chart needs 3 tags"),
+    ({"quant": {"a": ["Multiline", ["quant/(act"]]}}, ValueError, r"'quant/\(act' is not a regex"),
+])
+def test_bad_layouts_are_named(tmp_path, layout, error, match):
+    logger = TensorBoardLogger(tmp_path)
+    with pytest.raises(error, match=match):
+        logger.log_layout(layout)
+    assert not os.path.exists(logger.log_dir)  # refused before anything is written
+
+
 def _fit_classifier(tmp_path, **trainer_kwargs):
     """A ClassificationModule (it has hparams) fit for 2 epochs with a TensorBoardLogger."""
     import paddle

@@ -34,6 +34,10 @@ import paddle
 from paddle import nn
 
 from qtrainer._io import atomic_write_text
+from qtrainer.quant.diagnostics.sqnr import SqnrAccumulator as _Accumulator
+from qtrainer.quant.diagnostics.sqnr import finite_or_none as _finite_or_none
+from qtrainer.quant.diagnostics.sqnr import first_tensor as _first_tensor
+from qtrainer.quant.diagnostics.stats import stat_tag
 from qtrainer.quant.export.samples import first_inputs
 from qtrainer.quant.methods.ptq import FROZEN, calibration_layers, state_of
 from qtrainer.quant.observers.absmax import AbsmaxCalibrator
@@ -123,7 +127,7 @@ class PTQReport:
         return files
 
     def scalars(self, prefix: str = "quant") -> dict[str, float]:
-        """Finite values as ``<prefix>/<layer>/<stat>`` tags, plus ``<prefix>/summary/...``."""
+        """Finite values as ``<prefix>/<stat>/<layer>`` tags (``stat_tag``), plus ``<prefix>/summary/...``."""
         names = {
             "threshold": "act_threshold", "absmax": "act_threshold_absmax", "kl": "act_threshold_kl",
             "hist": "act_threshold_hist", "mse": "act_threshold_mse",
@@ -135,7 +139,7 @@ class PTQReport:
             for attr, tag in names.items():
                 value = getattr(layer, attr)
                 if value is not None and math.isfinite(value):
-                    out[f"{prefix}/{layer.name}/{tag}"] = float(value)
+                    out[stat_tag(tag, layer.name, prefix)] = float(value)
         finite = [l.sqnr_db for l in self.layers if l.sqnr_db is not None and math.isfinite(l.sqnr_db)]
         if finite:
             out[f"{prefix}/summary/min_output_sqnr_db"] = float(min(finite))
@@ -144,7 +148,7 @@ class PTQReport:
         return out
 
     def histograms(self, prefix: str = "quant") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{<prefix>/<layer>/act_histogram: (bin edges, counts)}`` of each layer's ``|x|``."""
+        """``{<prefix>/act_histogram/<layer>: (bin edges, counts)}`` of each layer's ``|x|``."""
         out = {}
         for layer in self.layers:
             if layer.histogram is None:
@@ -152,18 +156,12 @@ class PTQReport:
             counts, width = layer.histogram
             nonzero = np.flatnonzero(counts)
             n = int(nonzero[-1]) + 1 if nonzero.size else 1
-            out[f"{prefix}/{layer.name}/act_histogram"] = (np.arange(n + 1) * width, counts[:n].copy())
+            out[stat_tag("act_histogram", layer.name, prefix)] = (np.arange(n + 1) * width, counts[:n].copy())
         return out
 
     def worst(self, n: int = 5) -> list[str]:
         """Names of the ``n`` layers with the lowest ``sqnr_db``."""
         return [layer.name for layer in self.layers[:n]]
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---------------------------------------------------------------------- measuring
@@ -196,39 +194,6 @@ class _QuantizationOff:
     def __exit__(self, *exc: object) -> None:
         for q, flag in zip(self.quanters, self.flags):
             q.enable_quant(flag)
-
-
-class _Accumulator:
-    """Sums of squared signal and error, in float64."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.error = 0.0
-
-    def add(self, reference: paddle.Tensor, value: paddle.Tensor) -> None:
-        ref = np.asarray(reference.numpy(), dtype=np.float64)
-        val = np.asarray(value.numpy(), dtype=np.float64)
-        self.signal += float(np.sum(ref * ref))
-        self.error += float(np.sum((ref - val) ** 2))
-
-    def sqnr_db(self) -> float | None:
-        if self.signal == 0.0 and self.error == 0.0:
-            return None
-        if self.error == 0.0:
-            return math.inf
-        if self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.error)
-
-
-def _first_tensor(out: Any) -> paddle.Tensor | None:
-    if isinstance(out, paddle.Tensor):
-        return out
-    if isinstance(out, (list, tuple)) and out:
-        return _first_tensor(out[0])
-    if isinstance(out, dict) and out:
-        return _first_tensor(out[sorted(out)[0]])
-    return None
 
 
 def _check_frozen(model: nn.Layer) -> None:

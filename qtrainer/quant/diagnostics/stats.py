@@ -17,7 +17,9 @@ a dict of plain Python floats / NumPy arrays:
 * ``act_bits``, ``weight_bits``, ``layer_type``.
 
 ``flatten_for_logging(stats)`` turns that into ``(scalars, histograms)`` keyed by tags
-``quant/<layer>/<stat>``, plus ``quant/summary/...`` aggregates.
+``quant/<stat>/<layer>`` (grouped by statistic, so TensorBoard shows each statistic as one section
+across layers; ``stat_tag`` / ``split_stat_tag`` build and read them), plus ``quant/summary/...``
+aggregates.
 """
 from __future__ import annotations
 
@@ -33,12 +35,29 @@ from qtrainer.quant.quanters.fake_quant import FakeQuanter
 from qtrainer.quant.quanters.pact import PACT
 from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
 
-__all__ = ["collect_quant_stats", "flatten_for_logging", "record_activation_clipping"]
+__all__ = ["SUMMARY", "collect_quant_stats", "flatten_for_logging", "record_activation_clipping", "split_stat_tag",
+           "stat_tag"]
 
 logger = logging.getLogger(__name__)
 
 # Entries that describe the layer rather than measure it: not logged.
 _DESCRIPTIVE_KEYS = ("layer_type", "act_bits", "weight_bits")
+SUMMARY = "summary"  # the group of whole-model aggregates: ``<prefix>/summary/<aggregate>``
+
+
+def stat_tag(stat: str, layer: str, prefix: str = "quant") -> str:
+    """The logging tag of one layer's statistic: ``<prefix>/<stat>/<layer>``."""
+    return f"{prefix}/{stat}/{layer}"
+
+
+def split_stat_tag(tag: str, prefix: str = "quant") -> tuple[str, str] | None:
+    """``(stat, layer)`` of a ``stat_tag``; None for other tags (and for ``<prefix>/summary/...``)."""
+    if not tag.startswith(f"{prefix}/"):
+        return None
+    stat, sep, layer = tag[len(prefix) + 1:].partition("/")
+    if not sep or not stat or not layer or stat == SUMMARY:
+        return None
+    return stat, layer
 
 
 def record_activation_clipping(model: nn.Layer, enabled: bool = True) -> int:
@@ -126,7 +145,7 @@ def collect_quant_stats(model: nn.Layer) -> dict[str, dict[str, Any]]:
 def flatten_for_logging(
     stats: dict[str, dict[str, Any]], prefix: str = "quant"
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """``(scalars, histograms)`` with tags ``<prefix>/<layer>/<stat>``.
+    """``(scalars, histograms)`` with tags ``<prefix>/<stat>/<layer>`` (``stat_tag``).
 
     Numbers become scalars (``None`` entries and the descriptive ``layer_type`` / ``*_bits`` are
     left out); arrays with more than one value
@@ -139,7 +158,7 @@ def flatten_for_logging(
     sqnrs, clips = [], []
     for layer_name, entry in stats.items():
         for key, value in entry.items():
-            tag = f"{prefix}/{layer_name}/{key}"
+            tag = stat_tag(key, layer_name, prefix)
             if key in _DESCRIPTIVE_KEYS or value is None or isinstance(value, (str, bool)):
                 continue
             if isinstance(value, np.ndarray):
@@ -155,8 +174,8 @@ def flatten_for_logging(
         if entry.get("act_clip_fraction") is not None:
             clips.append(entry["act_clip_fraction"])
     if sqnrs:
-        scalars[f"{prefix}/summary/min_weight_sqnr_db"] = float(min(sqnrs))
-        scalars[f"{prefix}/summary/mean_weight_sqnr_db"] = float(np.mean(sqnrs))
+        scalars[f"{prefix}/{SUMMARY}/min_weight_sqnr_db"] = float(min(sqnrs))
+        scalars[f"{prefix}/{SUMMARY}/mean_weight_sqnr_db"] = float(np.mean(sqnrs))
     if clips:
-        scalars[f"{prefix}/summary/mean_act_clip_fraction"] = float(np.mean(clips))
+        scalars[f"{prefix}/{SUMMARY}/mean_act_clip_fraction"] = float(np.mean(clips))
     return scalars, histograms

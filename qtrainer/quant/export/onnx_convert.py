@@ -22,8 +22,6 @@ kernel (measured on onnxruntime 1.32; see ``docs/export-format.md`` and ``qtrain
 """
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

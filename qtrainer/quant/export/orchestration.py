@@ -30,6 +30,7 @@ from paddle import nn
 from qtrainer.quant.export.files import check_export_target, make_export_staging, publish_export, remove_empty
 from qtrainer.quant.export.inference import load_int8_predictor, read_program_ops, run_predictor
 from qtrainer.quant.export.layers import FAKE_QUANT_TYPES, INT8_TYPES, Int8Conv2D
+from qtrainer.quant.export.accuracy_fallback import check_max_drop, export_within_drop
 from qtrainer.quant.export.isa import resolve_target
 from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, plan_layers, working_copy
 from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
@@ -90,6 +91,7 @@ class ExportOptions:
     clip_activations: bool | str = "auto"
     formats: Sequence[str] = ("paddle",)
     target: str = "auto"
+    accuracy: dict | None = None  # the accuracy-aware fallback's record, for the report (accuracy_fallback)
 
     def __post_init__(self) -> None:
         resolve_target(self.target)  # an unknown target (or 'auto' on a CPU without AVX2) fails first
@@ -143,6 +145,11 @@ def export_quantized_model(
     formats: Sequence[str] = ("paddle",),
     measure_speed: bool = True,
     target: str = "auto",
+    max_drop: float | None = None,
+    eval_loader: Any = None,
+    metric: Any = None,
+    metric_mode: str = "max",
+    eval_batches: int | None = None,
 ) -> ExportReport:
     """Export a quantized ``model`` for Paddle Inference int8 on CPU and check it; see the module docstring.
 
@@ -193,6 +200,14 @@ def export_quantized_model(
             grid; wrong on CPUs without VNNI), ``'avx2'`` or ``'portable'`` (the u8 headroom CPUs
             without VNNI need; correct on every x86-64 CPU with AVX2). The self-check runs on this
             CPU; the report says what the model does on the other kinds.
+        max_drop: the accuracy-aware fallback (``qtrainer.quant.export.accuracy_fallback``): the
+            largest loss of ``metric`` on ``eval_loader`` the deployed model may have against the
+            float model (in the metric's units: 0.005 = half a point of top-1); while it loses
+            more, the most sensitive layer (sensitivity ranking) is kept in float and the model
+            exported again. The report's ``accuracy`` says which layers and the speed cost.
+        eval_loader, metric, metric_mode, eval_batches: held-out ``(images, labels)`` batches
+            (the first ``eval_batches``; all by default), ``metric(logits, labels) -> float``
+            (default top-1 accuracy) and whether higher (``'max'``) or lower (``'min'``) is better.
 
     Returns:
         an ``ExportReport`` (also written as ``path.quant.json``).
@@ -205,6 +220,11 @@ def export_quantized_model(
         clip_activations=clip_activations, formats=tuple(formats) if isinstance(formats, list) else formats,
         target=target,
     )
+    check_max_drop(max_drop, eval_loader, metric, metric_mode)
+    if max_drop is not None:
+        _check_model(model)
+        return export_within_drop(model, path, input_spec, sample_inputs, options, _export, max_drop=max_drop,
+                                  eval_loader=eval_loader, metric=metric, mode=metric_mode, eval_batches=eval_batches)
     return _export(model, path, input_spec, sample_inputs, options)
 
 
@@ -270,6 +290,7 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
             attempts=[a.to_dict() for a in exporter.attempts],
             run_id=options.run_id,
             target=resolve_target(options.target),
+            accuracy=options.accuracy,
         )
         if checking.measure_speed:
             report.speed = exporter.measure_speed(final)
@@ -378,6 +399,9 @@ def _prepare(model: nn.Layer, input_spec, sample_inputs, options: ExportOptions,
     """The working copy, the samples and spec, and every layer's plan (nothing traced yet)."""
     work = working_copy(model)
     quanted = dict(iter_quanted_layers(work))
+    for name, layer in quanted.items():  # exported as their float layer: so is the reference the check uses
+        if matches(name, options.keep_float):
+            layer.compute_float = True
     if input_spec is not None:
         input_spec = normalise_spec(input_spec, None)
     # the samples also decide which layer inputs are unsigned, so they are needed without check

@@ -75,6 +75,7 @@ class ExportReport:
     speed: dict[str, Any] | None = None  # int8 vs fp32 latency on this machine (measure_speed)
     onnx: dict[str, Any] | None = None  # the ONNX model's conversion and check (formats=(..., 'onnx'))
     target: str = "portable"  # the CPUs it is for ('vnni', 'avx2', 'portable'; qtrainer.quant.export.isa)
+    accuracy: dict[str, Any] | None = None  # the accuracy-aware fallback (max_drop), when asked for
 
     @property
     def int8_layers(self) -> list[str]:
@@ -112,6 +113,7 @@ class ExportReport:
             "openvino": self.openvino,
             "speed": self.speed,
             "onnx": self.onnx,
+            "accuracy": self.accuracy,
         }
 
     def summary(self) -> str:
@@ -131,6 +133,11 @@ class ExportReport:
             sp = self.speed
             lines.append(f"  speed on this machine ({sp['int8_isa']}, batch {sp['batch']}, {sp['num_threads']} "
                          f"thread(s)): int8 {sp['int8_ms']:.3g} ms, fp32 {sp['fp32_ms']:.3g} ms, x{sp['speedup']}")
+        if self.accuracy:
+            acc = self.accuracy
+            lines.append(f"  accuracy fallback: {acc['metric']} float {acc['float_metric']:.4g}, deployed "
+                         f"{acc['deployed_metric']:.4g} (drop {acc['drop']:.4g}, max_drop {acc['max_drop']:g}"
+                         f"{'' if acc['met'] else ': NOT met'}) with {len(acc['kept_float'])} layer(s) kept in float")
         for runtime, result, key in (("OpenVINO", self.openvino, "precisions"), ("onnxruntime", self.onnx, None)):
             if not result or result.get("samples") is None:
                 continue

@@ -208,9 +208,11 @@ def quantize_block_input(block: nn.Layer, inputs: tuple):
     quantize = getattr(consumer, "quantize_input", None)
     if quantize is None or not inputs:  # exported as a plain float layer: nothing is quantized
         return None
+    quanted = getattr(consumer, "quanted", consumer)
+    if getattr(quanted, "compute_float", False):  # ``computing_float``: the float block
+        return None
     x = inputs[0]
     y = quantize(x)
-    quanted = getattr(consumer, "quanted", consumer)
     if getattr(block, _UNSIGNED_ATTR, False) and paddle.in_dynamic_mode() and quanted.act_bits == 8:
         y = fake_quant(x, quanted.act_scale() * _U8_RANGE, 9)
     return (y, *inputs[1:])

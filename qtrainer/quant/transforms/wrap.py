@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import contextlib
 from collections import Counter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import paddle
 from paddle import nn
@@ -72,6 +73,7 @@ __all__ = [
     "iter_quanted_layers",
     "check_user_class",
     "quant_sync_modes",
+    "computing_float",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,9 +129,14 @@ class QuantedLayer(nn.Layer):
     #: True when a residual block quantizes this layer's input before calling it
     #: (``qtrainer.quant.transforms.residual``); the layer then uses its input as it is.
     input_quantized_outside = False
+    #: True inside ``computing_float``: the layer computes its float layer on the raw input
+    #: (no activation preprocess or quantization, the float weight); nothing observes.
+    compute_float = False
 
     def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
         """The layer input as the layer quantizes it (activation preprocess, then quanter)."""
+        if self.compute_float:
+            return x
         if self.act_pact:  # built-in PACT: clip and quantize in one fused step, same result
             return self.act_quanter.clip_and_quantize(x)
         if self.act_preprocess is not None:
@@ -137,6 +144,8 @@ class QuantedLayer(nn.Layer):
         return self.act_quanter(x)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.compute_float:
+            return self._compute(x, self.weight)
         if not self.input_quantized_outside:
             x = self.quantize_input(x)
         w = self.weight
@@ -351,6 +360,28 @@ def iter_quanted_layers(model: nn.Layer) -> Iterator[tuple[str, QuantedLayer]]:
     for name, sub in model.named_sublayers():
         if isinstance(sub, QuantedLayer):
             yield name, sub
+
+
+@contextlib.contextmanager
+def computing_float(model: nn.Layer, names: Iterable[str] | None = None) -> Iterator[list[str]]:
+    """Inside the ``with``, the quanted layers named (default: all) compute float and observe nothing.
+
+    Each computes its float layer on its raw input with the float weight, also where a residual
+    block quantizes the input for it. Yields the names switched; unknown names raise ``KeyError``.
+    """
+    layers = dict(iter_quanted_layers(model))
+    chosen = list(layers) if names is None else list(names)
+    unknown = [n for n in chosen if n not in layers]
+    if unknown:
+        raise KeyError(f"computing_float: no quantized layer named {unknown}; the model has {sorted(layers)}")
+    previous = {n: layers[n].compute_float for n in chosen}
+    try:
+        for name in chosen:
+            layers[name].compute_float = True
+        yield chosen
+    finally:
+        for name, value in previous.items():
+            layers[name].compute_float = value
 
 
 def quant_sync_modes(model: nn.Layer) -> dict[str, str]:

@@ -110,10 +110,10 @@ def test_files_scalars_and_histograms(tmp_path):
     assert float(rows[0]["threshold"]) == pytest.approx(report.layers[0].threshold)
     scalars = report.scalars()
     name = report.layers[0].name
-    assert scalars[f"quant/{name}/act_threshold"] == report.layers[0].threshold
-    assert scalars[f"quant/{name}/act_threshold_mse"] == report.layers[0].mse
+    assert scalars[f"quant/act_threshold/{name}"] == report.layers[0].threshold
+    assert scalars[f"quant/act_threshold_mse/{name}"] == report.layers[0].mse
     assert scalars["quant/summary/min_output_sqnr_db"] == report.layers[0].sqnr_db
-    edges, counts = report.histograms()["quant/0/act_histogram"]
+    edges, counts = report.histograms()["quant/act_histogram/0"]
     assert edges.size == counts.size + 1 and edges[0] == 0 and counts[-1] > 0
     assert counts.sum() == 4 * 64 * 28 * 28  # every input value of the 4 calibration batches
 

@@ -8,7 +8,9 @@ import paddle
 import pytest
 from paddle import nn
 
-from qtrainer.quant.diagnostics.stats import collect_quant_stats, flatten_for_logging, record_activation_clipping
+from qtrainer.quant.diagnostics.stats import (
+    collect_quant_stats, flatten_for_logging, record_activation_clipping, split_stat_tag, stat_tag,
+)
 from qtrainer.quant.transforms.wrap import quantize_model
 
 
@@ -108,10 +110,10 @@ def test_flatten_for_logging_tags():
     net(_x(1))
     stats = collect_quant_stats(net)
     scalars, hists = flatten_for_logging(stats)
-    assert scalars["quant/0/act_scale"] == pytest.approx(stats["0"]["act_scale"])
-    assert "quant/0/weight_scale" in scalars  # per tensor: one value, a scalar
+    assert scalars["quant/act_scale/0"] == pytest.approx(stats["0"]["act_scale"])
+    assert "quant/weight_scale/0" in scalars  # per tensor: one value, a scalar
     assert not hists
-    assert "quant/0/act_bits" not in scalars and "quant/0/layer_type" not in scalars
+    assert "quant/act_bits/0" not in scalars and "quant/layer_type/0" not in scalars
     assert scalars["quant/summary/min_weight_sqnr_db"] == pytest.approx(
         min(s["weight_sqnr_db"] for s in stats.values())
     )
@@ -124,6 +126,32 @@ def test_channel_wise_scales_become_histograms_and_none_is_left_out():
     quantize_model(net, {})
     scalars, hists = flatten_for_logging(collect_quant_stats(net), prefix="q")
     expected = np.abs(net[0].weight.numpy()).max(axis=(1, 2, 3))
-    np.testing.assert_allclose(hists["q/0/weight_scale"], expected)
-    assert "q/0/act_scale" not in scalars  # nothing observed yet
+    np.testing.assert_allclose(hists["q/weight_scale/0"], expected)
+    assert "q/act_scale/0" not in scalars  # nothing observed yet
     assert all(k.startswith("q/") for k in list(scalars) + list(hists))
+
+
+def test_tags_are_grouped_by_statistic_then_layer():
+    net = _net()
+    quantize_model(net, {})
+    net(_x())
+    scalars, hists = flatten_for_logging(collect_quant_stats(net))
+    per_layer = [tag for tag in [*scalars, *hists] if not tag.startswith("quant/summary/")]
+    assert per_layer and all(split_stat_tag(tag) is not None for tag in per_layer)
+    assert {split_stat_tag(tag)[1] for tag in per_layer} == {"0", "3"}
+    assert "quant/weight_sqnr_db/3" in scalars and "quant/weight_scale/3" in hists
+
+
+@pytest.mark.parametrize("tag, prefix, expected", [
+    ("quant/act_scale/net.0", "quant", ("act_scale", "net.0")),
+    ("quant/act_scale/block/conv", "quant", ("act_scale", "block/conv")),
+    ("a/b/weight_sqnr_db/0", "a/b", ("weight_sqnr_db", "0")),
+    ("quant/summary/min_weight_sqnr_db", "quant", None),
+    ("quant/act_scale", "quant", None),
+    ("quantized/act_scale/0", "quant", None),
+    ("loss", "quant", None),
+])
+def test_split_stat_tag(tag, prefix, expected):
+    assert split_stat_tag(tag, prefix) == expected
+    if expected is not None:
+        assert stat_tag(*expected, prefix=prefix) == tag
