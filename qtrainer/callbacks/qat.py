@@ -12,6 +12,7 @@ from qtrainer.quant.diagnostics.stats import record_activation_clipping
 from qtrainer.quant.diagnostics.sync import SYNC_MODES, QuantStateSync, scale_spread_metrics
 from qtrainer.quant.export.orchestration import export_quantized_model
 from qtrainer.quant.export.samples import input_spec_for, spread_inputs
+from qtrainer.quant.transforms.bn_freeze import freeze_batch_norm_stats
 from qtrainer.quant.transforms.wrap import iter_quanted_layers, quantize_model
 
 __all__ = ["QATCallback"]
@@ -67,6 +68,10 @@ class QATCallback(QuantExportCallback):
         log_stats: log the scale statistics.
         log_stats_every_n_steps: optimizer steps between two statistics logs (a positive int);
             None = ``min(10, trainer.log_every_n_steps)``.
+        freeze_bn_after_steps: from this optimizer step on, every batch norm normalises with its
+            running statistics, which stop changing (its scale and shift still train;
+            ``qtrainer.quant.transforms.bn_freeze``); None = never. Re-applied before each training
+            step, so a resumed run freezes at the same step.
         export_kwargs: more arguments for ``export_quantized_model``.
         sync: how ranks combine scales in a data-parallel run: ``"auto"`` (max for abs-max
             scales, mean for moving averages and PACT α), ``"mean"``, ``"max"`` (a moving average
@@ -87,6 +92,7 @@ class QATCallback(QuantExportCallback):
         check_batches: int = 4,
         log_stats: bool = True,
         log_stats_every_n_steps: int | None = None,
+        freeze_bn_after_steps: int | None = None,
         export_kwargs: dict[str, Any] | None = None,
         sync: str | None = "auto",
     ) -> None:
@@ -94,6 +100,11 @@ class QATCallback(QuantExportCallback):
             raise ValueError(f"QATCallback(sync={sync!r}): use one of {', '.join(map(repr, SYNC_MODES))} or None")
         check_positive_int("log_stats_every_n_steps", log_stats_every_n_steps, allow_none=True,
                            hint=" (None = min(10, trainer.log_every_n_steps))", owner="QATCallback")
+        if isinstance(freeze_bn_after_steps, bool) or freeze_bn_after_steps != 0:
+            check_positive_int("freeze_bn_after_steps", freeze_bn_after_steps, allow_none=True,
+                               hint=", 0 (from the start) or None (never)", owner="QATCallback")
+        self.freeze_bn_after_steps = freeze_bn_after_steps
+        self.frozen_batch_norms: list[str] = []
         self.config = QuantConfig.from_dict(config)
         if export_dir is not False:  # refuse now what the export at the end could not deploy
             self.config.require_deployable_bits("QATCallback config")
@@ -151,6 +162,11 @@ class QATCallback(QuantExportCallback):
         return self._stats_wanted(trainer) and step % self.stats_interval(trainer) == 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.freeze_bn_after_steps is not None and trainer.global_step >= self.freeze_bn_after_steps:
+            frozen = freeze_batch_norm_stats(module)
+            if frozen and not self.frozen_batch_norms:
+                log.info("QAT: batch-norm statistics frozen from step %d (%d layers)", trainer.global_step, len(frozen))
+            self.frozen_batch_norms = frozen
         last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # the epoch-end statistics follow it
         if self._logs_stats_at(trainer, trainer.global_step + 1) or (last_of_epoch and self._stats_wanted(trainer)):
             record_activation_clipping(module, True)

@@ -29,6 +29,7 @@ from qtrainer.quant.observers.histogram import HistCalibrator, KLCalibrator, MSE
 from qtrainer.quant.quanters.fake_quant import FakeQuanter, fake_quant
 from qtrainer.quant.quanters.fused import FusedAbsMaxQuanter
 from qtrainer.quant.quanters.pact import PACT, PACTQuanter
+from qtrainer.quant.transforms.bn_freeze import freeze_batch_norm_stats
 from qtrainer.quant.transforms.fuse import find_conv_bn_pairs, fuse_conv_bn
 from qtrainer.quant.transforms.wrap import (
     QuantedConv2D,
@@ -43,6 +44,7 @@ from qtrainer.quant.transforms.wrap import (
 __all__ = [
     "QAT", "QATCallback", "PTQ", "PTQCallback", "calibrate", "freeze", "calibrate_and_freeze", "build_ptq_report",
     "correct_bias", "BiasCorrection", "computing_float", "sensitivity", "SensitivityReport",
+    "freeze_batch_norm_stats",
     "quant_post_dynamic", "quantize_dygraph_weights",
     "export_quantized_model", "ExportReport", "ExportCheckError",
     "QuantConfig", "SUPPORTED_LAYER_TYPES", "quantize_model", "iter_quanted_layers", "quant_sync_modes",

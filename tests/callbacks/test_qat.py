@@ -11,7 +11,7 @@ import paddle
 import pytest
 from paddle import nn
 
-from qtrainer import ClassificationModule, Trainer
+from qtrainer import Callback, ClassificationModule, Trainer
 from qtrainer.callbacks import ModelCheckpoint
 from qtrainer.checkpoint_io import CheckpointError
 from qtrainer.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -253,3 +253,35 @@ def test_overwrite_replaces_another_runs_export(tmp_path):
     first, _ = _export_fit(tmp_path, epochs=1)
     second, _ = _export_fit(tmp_path, epochs=1, export_kwargs={"check": False, "overwrite": True})
     assert second.run_id != first.run_id and _report(tmp_path)["run_id"] == second.run_id
+
+
+class _BatchNormTrace(Callback):
+    """The batch norm's running mean and scale after every optimizer step."""
+
+    def __init__(self):
+        self.means, self.scales = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        bn = module.net[1]
+        self.means.append(bn._mean.numpy().copy())
+        self.scales.append(bn.weight.numpy().copy())
+
+
+def test_batch_norm_statistics_freeze_after_n_steps_and_its_scale_keeps_training(tmp_path):
+    trace = _BatchNormTrace()
+    callback = QATCallback(freeze_bn_after_steps=3, export_dir=False, log_stats=False)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=7, max_epochs=2))
+    four_batches = paddle.io.DataLoader(Images(32), batch_size=8, shuffle=True)  # 2 epochs, validated in between
+    trainer.fit(module(), four_batches, loaders()[1], callbacks=[callback, trace])
+    assert trainer.current_epoch >= 1 and len(trace.means) == 7
+    moved = [not np.array_equal(a, b) for a, b in zip(trace.means, trace.means[1:])]
+    assert moved[:2] == [True, True]  # steps 2 and 3 still update the statistics
+    assert not any(moved[2:])  # from step 4 on (global_step >= 3 before it): frozen, across the epoch boundary
+    assert not np.array_equal(trace.scales[3], trace.scales[-1])  # gamma still trains
+    assert callback.frozen_batch_norms == ["net.1"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_freeze_bn_after_steps_must_be_a_step_count(bad):
+    with pytest.raises(ValueError, match=r"QATCallback\(freeze_bn_after_steps="):
+        QATCallback(freeze_bn_after_steps=bad)
