@@ -10,7 +10,6 @@ from qtrainer.callbacks._quant_export import QuantExportCallback
 from qtrainer.callbacks.progress import TQDMProgressBar
 from qtrainer.quant.diagnostics.log_stats import QuantStatsLog
 from qtrainer.quant.diagnostics.ptq_report import PTQReport
-from qtrainer.quant.export.accuracy_fallback import check_max_drop
 from qtrainer.quant.export.samples import input_spec_for, spread_inputs
 from qtrainer.quant.methods.ptq import PTQ, pause_calibration
 from qtrainer.quant.methods.ptq_pipeline import calibrate_and_freeze
@@ -117,12 +116,9 @@ class PTQCallback(QuantExportCallback):
         if check_batches != 0:  # 0 = no self-check samples, no report
             check_positive_int("check_batches", check_batches, hint=" or 0", owner="PTQCallback")
         check_positive_int("bias_batches", bias_batches, owner="PTQCallback")
-        check_positive_int("eval_batches", eval_batches, allow_none=True, owner="PTQCallback")
-        check_max_drop(max_drop, [] if max_drop is not None else None, None, "max")
+        self._set_max_drop(max_drop, eval_batches)
         self.bias_correction = bool(bias_correction)
         self.bias_batches = bias_batches
-        self.max_drop = max_drop
-        self.eval_batches = eval_batches
         self.calib_epochs = calib_epochs
         self.calib_batches = calib_batches
         self.export_dir = export_dir
@@ -151,12 +147,6 @@ class PTQCallback(QuantExportCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.ptq.to_dict(), "quantized_layers": list(self.quantized_layers),
                 "calibration_batches": self.calibration_batches, "run_id": self.run_id}
-
-    def on_fit_start(self, trainer, module) -> None:
-        if self.max_drop is not None and trainer.val_dataloaders is None:  # before any calibration
-            raise ValueError("PTQCallback(max_drop=...) needs a validation loader (trainer.fit(module, "
-                             "train_loader, val_loader)): the deployed model is measured on it")
-        super().on_fit_start(trainer, module)
 
     # -- quantize -----------------------------------------------------------------------------
     def configure_model(self, trainer, module) -> None:
@@ -227,13 +217,9 @@ class PTQCallback(QuantExportCallback):
             samples = spread_inputs(self.sample_loader(trainer), self.check_batches)
             input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
             prefix = self.export_prefix(trainer)
-            accuracy = {}
-            if self.max_drop is not None:
-                accuracy = {"max_drop": self.max_drop, "eval_loader": trainer.val_dataloaders,
-                            "eval_batches": self.eval_batches}
             self.export_report = self.ptq.save_quantized_model(
                 module, prefix, input_spec=input_spec, sample_inputs=samples or None,
-                **{"run_id": self.run_id, **accuracy, **self.export_kwargs}
+                **{"run_id": self.run_id, **self.accuracy_kwargs(trainer), **self.export_kwargs}
             )
             log.info("PTQ export written to %s", prefix)
         if self.write_report and self.report is not None:

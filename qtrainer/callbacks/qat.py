@@ -72,6 +72,10 @@ class QATCallback(QuantExportCallback):
             running statistics, which stop changing (its scale and shift still train;
             ``qtrainer.quant.transforms.bn_freeze``); None = never. Re-applied before each training
             step, so a resumed run freezes at the same step.
+        max_drop, eval_batches: the export's accuracy-aware fallback, as in ``PTQCallback``: the
+            most sensitive layers (``sensitivity(method='qat-state')``) are kept in float until the
+            deployed model loses at most ``max_drop`` top-1 against the float model on the first
+            ``eval_batches`` validation batches.
         export_kwargs: more arguments for ``export_quantized_model``.
         sync: how ranks combine scales in a data-parallel run: ``"auto"`` (max for abs-max
             scales, mean for moving averages and PACT α), ``"mean"``, ``"max"`` (a moving average
@@ -93,6 +97,8 @@ class QATCallback(QuantExportCallback):
         log_stats: bool = True,
         log_stats_every_n_steps: int | None = None,
         freeze_bn_after_steps: int | None = None,
+        max_drop: float | None = None,
+        eval_batches: int | None = 20,
         export_kwargs: dict[str, Any] | None = None,
         sync: str | None = "auto",
     ) -> None:
@@ -104,6 +110,7 @@ class QATCallback(QuantExportCallback):
             check_positive_int("freeze_bn_after_steps", freeze_bn_after_steps, allow_none=True,
                                hint=", 0 (from the start) or None (never)", owner="QATCallback")
         self.freeze_bn_after_steps = freeze_bn_after_steps
+        self._set_max_drop(max_drop, eval_batches)
         self.frozen_batch_norms: list[str] = []
         self.config = QuantConfig.from_dict(config)
         if export_dir is not False:  # refuse now what the export at the end could not deploy
@@ -199,7 +206,7 @@ class QATCallback(QuantExportCallback):
         samples = spread_inputs(self.sample_loader(trainer), self.check_batches)  # across the loader
         input_spec = self.input_spec or (input_spec_for(samples[0]) if samples else None)
         path = self.export_prefix(trainer)
-        kwargs = {"run_id": self.run_id, **self.export_kwargs}
+        kwargs = {"run_id": self.run_id, **self.accuracy_kwargs(trainer), **self.export_kwargs}
         self.export_report = export_quantized_model(module, path, input_spec=input_spec,
                                                     sample_inputs=samples or None, **kwargs)
         log.info("QAT export written to %s", path)

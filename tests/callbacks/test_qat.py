@@ -285,3 +285,19 @@ def test_batch_norm_statistics_freeze_after_n_steps_and_its_scale_keeps_training
 def test_freeze_bn_after_steps_must_be_a_step_count(bad):
     with pytest.raises(ValueError, match=r"QATCallback\(freeze_bn_after_steps="):
         QATCallback(freeze_bn_after_steps=bad)
+
+
+def test_max_drop_reaches_the_qat_export(tmp_path):
+    callback = QATCallback(max_drop=0.5, eval_batches=1, export_dir=str(tmp_path / "export"), log_stats=False)
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(module(), *loaders(), callbacks=[callback])
+    accuracy = callback.export_report.accuracy
+    assert accuracy["max_drop"] == 0.5 and accuracy["eval_batches"] == 1 and accuracy["met"]
+    assert accuracy["kept_float"] == [] and len(accuracy["attempts"]) == 1  # a drop of at most 0.5 needs nothing
+
+
+def test_qat_max_drop_without_a_validation_loader_fails_before_training(tmp_path):
+    trainer = Trainer(**quiet_trainer_kwargs(tmp_path, max_steps=4))
+    with pytest.raises(ValueError, match=r"QATCallback\(max_drop=...\) needs a validation loader"):
+        trainer.fit(module(), loaders()[0], callbacks=[QATCallback(max_drop=0.01, export_dir=str(tmp_path / "e"))])
+    assert trainer.global_step == 0
