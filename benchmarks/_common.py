@@ -10,7 +10,7 @@ from typing import Any
 
 import paddle
 
-from qtrainer.quant.export.isa import int8_isa
+from qtrainer.quant.export.isa import EXPORT_TARGETS, int8_isa
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -56,6 +56,8 @@ SPEED_MODELS = ["MobileNetV1", "MobileNetV2", "ResNet18", "ResNet50"]
 
 def add_speed_arguments(parser: Any) -> None:
     """The options every deployment-speed benchmark takes (models, batches, threads, rounds, ...)."""
+    parser.add_argument("--target", default="portable", choices=EXPORT_TARGETS,
+                        help="the export's target CPUs (export_quantized_model(target=...))")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: MobileNetV1, batch 1, 1 thread, 2 rounds of 3 runs (unless given)")
     parser.add_argument("--models", nargs="+", default=None, choices=SPEED_MODELS)

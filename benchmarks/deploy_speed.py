@@ -98,9 +98,9 @@ def _time_runs(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int) 
     return (time.perf_counter() - start) / iters * 1000.0
 
 
-def prepare_model(name: str, workdir: str, clip, use_nncf: bool) -> tuple[dict[str, str], dict]:
+def prepare_model(name: str, workdir: str, clip, use_nncf: bool, target: str = "portable") -> tuple[dict[str, str], dict]:
     """Build and export ``name``; write its OpenVINO models. Returns ``({runtime: model path}, info)``."""
-    fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, clip)
+    fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, clip, target)
     paths = {"paddle_fp32": fp32_prefix, "paddle_int8": int8_prefix,
              "ov_fp32": write_openvino(fp32_prefix)[0], "ov_int8": write_openvino(int8_prefix)[0]}
     info["bytes"] = {"ov_fp32_bin": os.path.getsize(fp32_prefix + ".bin"),
@@ -153,7 +153,7 @@ def speed_rows(args, workdir: str) -> tuple[list[dict], dict]:
     rng = np.random.RandomState(1)
     results, infos = [], {}
     for name in args.models:
-        paths, info = prepare_model(name, workdir, args.clip, use_nncf)
+        paths, info = prepare_model(name, workdir, args.clip, use_nncf, args.target)
         infos[name] = info
         print(f"{name}: {info['int8_layers']} int8 layers, Paddle int8 ops {info['paddle_int8_ops']}, "
               f"OpenVINO (ours) {info['ov_int8_precisions']}"
@@ -199,10 +199,11 @@ def main() -> None:
     print_table(headers, [[r["model"], r["batch"], r["threads"]] + [r.get(k, "") if r.get(k) is not None else ""
                                                                    for k in keys] for r in rows])
     payload = {"command": "python benchmarks/deploy_speed.py " + " ".join(sys.argv[1:]), "quick": args.quick,
-               "clip_activations": args.clip, "openvino": ov.__version__,
+               "target": args.target, "clip_activations": args.clip, "openvino": ov.__version__,
                "nncf": None if nncf is None or args.no_nncf else nncf.__version__,
                "rounds": args.rounds, "iters": args.iters, "models": infos, "rows": rows}
     name = "deploy_speed" + ("_quick" if args.quick else "") + ("_4archs" if len(args.models) == 4 else "")
+    name += "" if args.target == "portable" else f"_target_{args.target}"
     print("results:", write_json(f"{name}_{machine()['int8_isa']}", payload))
 
 

@@ -99,7 +99,7 @@ MAX_REL_L2 = 0.05
 
 
 # ====================================================================== the models
-def build_with_reference(name: str, workdir: str, clip) -> tuple[str, str, dict, list[np.ndarray], list[np.ndarray]]:
+def build_with_reference(name: str, workdir: str, clip, target: str = "portable") -> tuple[str, str, dict, list[np.ndarray], list[np.ndarray]]:
     """``build_speed_models(name, ...)``, keeping its sample inputs and the simulation's outputs on them.
 
     ``build_speed_models`` returns neither the QAT model nor its samples, so both are taken where it
@@ -118,7 +118,7 @@ def build_with_reference(name: str, workdir: str, clip) -> tuple[str, str, dict,
 
     qat_export.export_quantized_model = capturing_export
     try:
-        fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, clip)
+        fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, clip, target)
     finally:
         qat_export.export_quantized_model = export
     return fp32_prefix, int8_prefix, info, captured["samples"], captured["reference"]
@@ -194,7 +194,7 @@ def openvino_models(fp32_onnx: str, ours_onnx: str, directory: str, use_nncf: bo
 
 def prepare_model(name: str, workdir: str, args) -> tuple[dict[str, str], dict, list[np.ndarray], list[np.ndarray]]:
     """Every model of ``name``: ``({runtime: path}, info, samples, reference)``."""
-    fp32_prefix, int8_prefix, info, samples, reference = build_with_reference(name, workdir, args.clip)
+    fp32_prefix, int8_prefix, info, samples, reference = build_with_reference(name, workdir, args.clip, args.target)
     directory = os.path.dirname(fp32_prefix)
     paths = {"ort_fp32": os.path.join(directory, "fp32.onnx"), "ours": os.path.join(directory, "ours_int8.onnx")}
     info["paddle2onnx_seconds"] = round(paddle2onnx_fp32(fp32_prefix, paths["ort_fp32"]), 1)
@@ -367,7 +367,7 @@ def main() -> None:
                 print("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "model"), flush=True)
     print_tables(args, rows, infos)
     payload = {"command": "python benchmarks/onnx_export.py " + " ".join(sys.argv[1:]), "quick": args.quick,
-               "clip_activations": args.clip, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+               "target": args.target, "clip_activations": args.clip, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                "paddle2onnx_opset": OPSET, "peer": {"quant_format": "QDQ", "per_channel": True,
                                                     "calibrate_method": "MinMax",
                                                     "preprocess": not args.no_preprocess,
@@ -375,6 +375,7 @@ def main() -> None:
                "openvino": ov.__version__ if ov else None, "nncf": nncf.__version__ if nncf else None,
                "rounds": args.rounds, "iters": args.iters, "models": infos, "rows": rows}
     name = "onnx_export" + ("_quick" if args.quick else "") + ("_4archs" if len(args.models) == 4 else "")
+    name += "" if args.target == "portable" else f"_target_{args.target}"
     print("results:", write_json(f"{name}_{machine()['int8_isa']}", payload))
 
 

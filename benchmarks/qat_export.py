@@ -166,7 +166,7 @@ def _observe_scales(model: nn.Layer, batches: list[paddle.Tensor]) -> None:
     model.eval()
 
 
-def build_speed_models(name: str, workdir: str, clip) -> tuple[str, str, dict]:
+def build_speed_models(name: str, workdir: str, clip, target: str = "portable") -> tuple[str, str, dict]:
     builders = {"MobileNetV1": paddle.vision.models.mobilenet_v1, "MobileNetV2": paddle.vision.models.mobilenet_v2,
                 "ResNet18": paddle.vision.models.resnet18, "ResNet50": paddle.vision.models.resnet50}
     paddle.seed(0)
@@ -187,8 +187,8 @@ def build_speed_models(name: str, workdir: str, clip) -> tuple[str, str, dict]:
     # can fix it: export every layer int8, write it anyway, and report the check's numbers.
     report = export_quantized_model(model, int8_prefix, input_spec=spec, sample_inputs=samples,
                                     fallback=False, on_failure="write", clip_activations=clip,
-                                    num_threads=2, overwrite=True)
-    info = {"int8_layers": len(report.int8_layers), "kept_float": report.kept_float,
+                                    num_threads=2, overwrite=True, target=target)
+    info = {"target": target, "int8_layers": len(report.int8_layers), "kept_float": report.kept_float,
             "check": report.check.summary() if report.check else None}
     return fp32_prefix, int8_prefix, info
 
@@ -204,7 +204,7 @@ def speed_part(args, workdir: str) -> dict:
     rows, results = [], []
     rng = np.random.RandomState(1)
     for name in args.models:
-        fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, args.clip)
+        fp32_prefix, int8_prefix, info = build_speed_models(name, workdir, args.clip, getattr(args, "target", "portable"))
         _, counts = load_int8_predictor(int8_prefix)
         print(f"{name}: {info['int8_layers']} int8 layers, int8 ops {dict(counts)}, "
               f"kept float {info['kept_float'] or 'none'}; self-check {info['check']}", flush=True)

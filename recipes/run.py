@@ -81,7 +81,7 @@ class Settings:
     overwrite: bool = False
     runtime: str = "paddle"
     export_formats: tuple[str, ...] = ()  # written besides the Paddle model ('openvino', 'onnx')
-    target: str = "auto"  # the CPUs the int8 export is for (qtrainer.quant.export.isa.EXPORT_TARGETS)
+    target: str = "portable"  # the CPUs the int8 export is for (qtrainer.quant.export.isa.EXPORT_TARGETS)
     bias_correction: bool = False  # PTQ: correct each layer's bias by its mean output error
     max_drop: float | None = None  # PTQ: the export's accuracy-aware fallback (top-1 points lost, as a fraction)
 
@@ -142,10 +142,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--runtime", default="paddle", choices=("paddle", "openvino"),
                         help="runtime of the deployed evaluation: Paddle Inference (default) or OpenVINO "
                              "(the export also writes the OpenVINO IR; needs qtrainer[openvino])")
-    parser.add_argument("--target", default="auto", choices=EXPORT_TARGETS,
-                        help="the CPUs the int8 export is for: auto (this CPU's kind), vnni (AVX-512 VNNI / "
-                             "AVX-VNNI / AMX: unsigned activations on the full u8 grid), avx2 or portable "
-                             "(correct on every x86-64 CPU with AVX2)")
+    parser.add_argument("--target", default="portable", choices=EXPORT_TARGETS,
+                        help="the CPUs the int8 export is for: portable (default) or avx2 (correct on every "
+                             "x86-64 CPU with AVX2), vnni (AVX-512 VNNI / AVX-VNNI / AMX: unsigned activations "
+                             "on the full u8 grid), auto (this CPU's kind)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="PTQ: correct each quantized layer's bias by its mean output error on calibration batches")
     parser.add_argument("--max-drop", type=float,

@@ -90,7 +90,7 @@ class ExportOptions:
     fake_quant_layers: Sequence[str] = ()
     clip_activations: bool | str = "auto"
     formats: Sequence[str] = ("paddle",)
-    target: str = "auto"
+    target: str = "portable"
     accuracy: dict | None = None  # the accuracy-aware fallback's record, for the report (accuracy_fallback)
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ def export_quantized_model(
     num_threads: int = 1,
     formats: Sequence[str] = ("paddle",),
     measure_speed: bool = True,
-    target: str = "auto",
+    target: str = "portable",
     max_drop: float | None = None,
     eval_loader: Any = None,
     metric: Any = None,
@@ -195,11 +195,12 @@ def export_quantized_model(
             ``qtrainer[openvino]`` extra) and ``'onnx'`` (``path.onnx``, an ONNX QDQ model of the
             same int8 program, opset 13, checked on onnxruntime like the Paddle model, with the
             count of its int8 kernels; the ``qtrainer[onnx]`` extra).
-        target: the CPUs the model is for (``qtrainer.quant.export.isa``): ``'auto'`` (this CPU's
-            kind), ``'vnni'`` (AVX-512 VNNI, AVX-VNNI or AMX: unsigned activations on the full u8
-            grid; wrong on CPUs without VNNI), ``'avx2'`` or ``'portable'`` (the u8 headroom CPUs
-            without VNNI need; correct on every x86-64 CPU with AVX2). The self-check runs on this
-            CPU; the report says what the model does on the other kinds.
+        target: the CPUs the model is for (``qtrainer.quant.export.isa``): ``'portable'`` (default)
+            or ``'avx2'`` (the u8 headroom CPUs without VNNI need: the simulation's own grid, correct
+            on every x86-64 CPU with AVX2), ``'vnni'`` (AVX-512 VNNI, AVX-VNNI or AMX: unsigned
+            activations on the full u8 grid, finer than the simulation's; lets onnxruntime fuse
+            relu6; wrong on CPUs without VNNI) or ``'auto'`` (this CPU's kind). The self-check runs
+            on this CPU; the report says what the model does on the other kinds.
         max_drop: the accuracy-aware fallback (``qtrainer.quant.export.accuracy_fallback``): the
             largest loss of ``metric`` on ``eval_loader`` the deployed model may have against the
             float model (in the metric's units: 0.005 = half a point of top-1); while it loses

@@ -13,7 +13,7 @@ from paddle import nn
 import qtrainer.quant.export.orchestration as export_module
 import qtrainer.quant.export.plan as plan_module
 from qtrainer.quant.export import ExportCheckError, export_quantized_model
-from qtrainer.quant.export.isa import int8_isa, resolve_target, target_note
+from qtrainer.quant.export.isa import int8_isa, target_note
 from qtrainer.quant.export.inference import load_int8_predictor, read_params, read_program_ops, run_predictor
 from qtrainer.quant.methods.qat import QAT
 from qtrainer.quant.transforms.wrap import iter_quanted_layers, quantize_model
@@ -194,10 +194,9 @@ def test_json_describes_the_export(trained, fmnist, tmp_path):
         assert entry["calls"] == 1
     first = data["layers"][0]
     assert first["act_signed"] is True and first["input_min"] < 0  # normalised images
-    # after ReLU: unsigned; u8 scale T * 255 / 127 (headroom for CPUs without VNNI) or T (a VNNI target)
-    target = resolve_target("auto")
-    assert data["target"] == {"name": target, "on_other_cpus": target_note(target)}
-    factor = 1.0 if target == "vnni" else 255 / 127
+    # after ReLU: unsigned; u8 scale T * 255 / 127 (the default portable target: the simulation's grid)
+    assert data["target"] == {"name": "portable", "on_other_cpus": target_note("portable")}
+    factor = 255 / 127
     for entry in data["layers"][1:]:
         assert entry["act_signed"] is False
         if entry["export"] == "int8":
@@ -279,10 +278,9 @@ def test_residual_adds_fuse_where_the_identity_is_quantized(fmnist, tmp_path, mo
     baseline = copy.deepcopy(net)
     QAT().quantize(net)
     train(net, images, labels, 20, 5e-4, seed=1)
-    # the stem (signed input: s8 kernels are inexact without VNNI) as fake-quant, as the self-check would;
-    # the portable target's u8 grid is the simulation's on every CPU (a VNNI target's is finer)
+    # the stem (signed input: s8 kernels are inexact without VNNI) as fake-quant, as the self-check would
     options = dict(sample_inputs=samples(fmnist), fallback=False, strict_int8=True, on_failure="write",
-                   fake_quant_layers=["stem.0"], target="portable")
+                   fake_quant_layers=["stem.0"])
     report = export_quantized_model(net, str(tmp_path / "res"), **options)
     flagged = {e.name for e in report.layers if e.float_output}
     assert flagged == {"block2.conv2", "block2.downsample.0"}
