@@ -132,6 +132,7 @@ def convert_to_onnx(model_prefix: str, onnx_path: str, opset: int = MIN_OPSET,
         "float_outputs": list(report.float_outputs),
         "gemm_float_outputs": list(report.gemm_float_outputs),
         "folded_batch_norms": report.folded_batch_norms,
+        "merged_quantizers": report.merged_quantizers,
     }
     logger.info("ONNX model written: %s (%d int8 layers, %d with a float output)", onnx_path,
                 result["int8_layers"], len(result["float_outputs"]))

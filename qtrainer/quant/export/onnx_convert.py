@@ -77,6 +77,7 @@ class _Report:
     float_outputs: list[str] = field(default_factory=list)  # int8 convs left float (onnxruntime: float Conv)
     gemm_float_outputs: list[str] = field(default_factory=list)  # int8 Linears with a float output (QGemm)
     folded_batch_norms: int = 0
+    merged_quantizers: int = 0  # duplicate QuantizeLinear nodes merged (merge_duplicate_quantizers)
 
 
 class ProgramToOnnx:
@@ -186,6 +187,33 @@ class ProgramToOnnx:
             if handler is None:
                 raise self.unsupported(op)
             handler(self, op)
+        self.merge_duplicate_quantizers()
+
+    def merge_duplicate_quantizers(self) -> None:
+        """One ``QuantizeLinear`` per tensor and grid: the Paddle program has a pair per consumer layer.
+
+        Two layers reading one tensor (a projection block's first convolution and its shortcut) each
+        bring a quantize op with the same (unified) scale. Two identical Q nodes on a relu's output
+        keep onnxruntime from removing the relu and fusing the residual add before it into
+        ``QLinearAdd`` (ResNet18: 4 of 8 adds stayed float); one Q read by both dequantize ops fuses.
+        """
+        first: dict[tuple, str] = {}
+        renamed: dict[str, str] = {}
+        kept = []
+        for node in self.nodes:
+            node_inputs = [renamed.get(name, name) for name in node.input]
+            del node.input[:]
+            node.input.extend(node_inputs)
+            if node.op_type == "QuantizeLinear" and all(name in self.inits for name in node.input[1:]):
+                key = (node.input[0],) + tuple(self.inits[name].tobytes() + str(self.inits[name].dtype).encode()
+                                               for name in node.input[1:])
+                if key in first:
+                    renamed[node.output[0]] = first[key]
+                    continue
+                first[key] = node.output[0]
+            kept.append(node)
+        self.nodes = kept
+        self.report.merged_quantizers = len(renamed)
 
     def absorbed(self, op: ProgramOp) -> None:
         self.done.add(id(op))

@@ -1,6 +1,8 @@
 """ONNX conversion of the int8 export: int8 kernels in onnxruntime, agreement with the simulation, errors."""
 from __future__ import annotations
 
+from collections import Counter
+
 import copy
 import os
 import sys
@@ -112,6 +114,22 @@ def test_resnet_residual_convs_run_int8(resnet_export):
     assert close["graph"]["float_nodes"] == {"Conv": len(before_adds)}
     assert close["graph"]["int8_compute"] == len(report.int8_layers) - len(before_adds)
     assert not close["int8_ok"] and "float" in close["notes"][0]
+
+
+def test_a_tensor_read_by_two_layers_gets_one_quantize_node(resnet_export):
+    """block2's input feeds block2.conv1 and its shortcut: the Paddle program quantizes it twice (one
+    pair per layer, one scale), the ONNX model once, so onnxruntime can fuse the add before it."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = str(resnet_export["dir"] / "merged.onnx")
+    info = qonnx.convert_to_onnx(resnet_export["prefix"], path, calibration=resnet_export["batches"])
+    model = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    keys = Counter((n.input[0],) + tuple(inits[i].tobytes() for i in n.input[1:])
+                   for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert info["merged_quantizers"] >= 1 and max(keys.values()) == 1
+    assert _check(resnet_export, path)["graph"]["int8_compute"] == len(resnet_export["report"].int8_layers)
 
 
 def test_run_onnxruntime_follows_run_predictor_conventions(cnn_export):
