@@ -7,6 +7,7 @@ import paddle
 import pytest
 
 from qtrainer.quant.export import export_quantized_model
+from qtrainer.quant.export.isa import has_vnni
 from qtrainer.quant.methods.ptq import PTQ, calibrate, freeze
 from tests.quant.diagnostics.test_sensitivity import PER_TENSOR, _sabotaged_cnn, _teacher_loader
 
@@ -31,8 +32,11 @@ def test_max_drop_keeps_the_destroyed_layer_float_and_nothing_else(tmp_path):
     assert accuracy["float_metric"] == 1.0
     first = accuracy["attempts"][0]
     assert first["kept_float"] == [] and first["drop"] > 0.3  # all int8: per-tensor fc rounds to zero
-    assert accuracy["kept_float"] == ["fc"] and accuracy["met"] and accuracy["drop"] <= 0.05
-    assert report.kept_float == {"fc": "keep_float"} and sorted(report.int8_layers) == ["conv1", "conv2"]
+    assert accuracy["met"] and accuracy["drop"] <= 0.05
+    assert accuracy["kept_float"] == accuracy["ranking"][:len(accuracy["kept_float"])]  # in ranking order
+    assert accuracy["kept_float"][0] == "fc" and report.kept_float["fc"] == "keep_float"
+    if has_vnni():  # s8 inputs are exact: fc alone is enough (without VNNI the signed conv1 may follow)
+        assert accuracy["kept_float"] == ["fc"] and sorted(report.int8_layers) == ["conv1", "conv2"]
     with open(prefix + ".quant.json") as handle:
         assert json.load(handle)["accuracy"]["kept_float"] == ["fc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pdiparams", "m.pdiparams.info", "m.pdmodel", "m.quant.json"]
