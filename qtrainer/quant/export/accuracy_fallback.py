@@ -90,7 +90,7 @@ def export_within_drop(
     sign = 1.0 if mode == "max" else -1.0
     batches = read_eval_batches(eval_loader, eval_batches)
     ranked = rank_layers(working_copy(model), batches, metric, mode)
-    ranking = [n for n in ranked.ranking() if not _matches_any(n, options.keep_float)]
+    ranking = [n for n in ranked.ranking() if not matches(n, options.keep_float)]
     float_metric = ranked.float_metric
     threads = options.check.num_threads
     attempts: list[dict[str, Any]] = []
@@ -132,7 +132,3 @@ def export_within_drop(
         logger.warning("accuracy fallback: the deployed model still loses %.4g (> max_drop %g) with %d layer(s) "
                        "in float; no int8 layer is left to keep in float", chosen["drop"], max_drop, len(kept))
     return report
-
-
-def _matches_any(name: str, patterns) -> bool:
-    return matches(name, patterns)
