@@ -11,7 +11,8 @@ with ``paddle.jit.save``). Each one runs in five ways:
 
 * Paddle Inference fp32 and int8 (oneDNN, ``qtrainer.quant.export.inference``);
 * OpenVINO fp32 (the FP32 Paddle model converted) and OpenVINO int8 from our export
-  (``qtrainer.quant.export.openvino``: the same ``.pdmodel`` converted; OpenVINO decides itself
+  (``qtrainer.quant.export.openvino.write_openvino``: since 2026-12-04 through our ONNX QDQ
+  conversion, before that OpenVINO's Paddle frontend on the ``.pdmodel``; OpenVINO decides itself
   which nodes run int8 -- the table's ``ov int8 nodes`` column counts them);
 * OpenVINO + NNCF int8 (``nncf.quantize`` of the OpenVINO fp32 model, ``target_device=CPU``,
   calibrated on the same three random batches as our QAT scales), when ``nncf`` is installed.

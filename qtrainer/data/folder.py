@@ -27,13 +27,16 @@ import numpy as np
 import paddle
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "BAD_IMAGE_POLICIES", "LAYOUT", "ImageFolder", "UnreadableImageError",
+__all__ = ["IMAGE_EXTENSIONS", "BAD_IMAGE_POLICIES", "SAMPLE_ORDERS", "LAYOUT", "ImageFolder", "UnreadableImageError",
            "list_classes", "load_rgb"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
 BAD_IMAGE_POLICIES = ("error", "skip")
+#: ``"by_class"``: class by class, files sorted (the folder's order); ``"interleaved"``: the same files
+#: taken round-robin across the classes, so that any first N samples hold every class in proportion.
+SAMPLE_ORDERS = ("by_class", "interleaved")
 LAYOUT = ("expected an ImageNet-style folder: <root>/train/<class>/<image> and <root>/val/<class>/<image>, "
           "one sub-folder per class, the same class folders in every split, images ending in "
           + " ".join(IMAGE_EXTENSIONS))
@@ -87,6 +90,15 @@ def _short_list(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _interleave_classes(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``samples`` reordered round-robin by label: the first of each class, then the second, ..."""
+    by_label: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_label.setdefault(sample[1], []).append(sample)
+    columns = [by_label[label] for label in sorted(by_label)]
+    return [column[k] for k in range(max(map(len, columns), default=0)) for column in columns if k < len(column)]
+
+
 class ImageFolder(paddle.io.Dataset):
     """The ``split`` of an ImageNet-style folder as ``(transform(image), int64 label)`` samples.
 
@@ -98,16 +110,21 @@ class ImageFolder(paddle.io.Dataset):
             ``<root>/train`` (of ``split`` itself if there is no ``train``). The split must hold
             exactly these folders.
         on_bad_image: ``"error"`` or ``"skip"`` (see the module docstring).
+        order: ``"by_class"`` (default) or ``"interleaved"`` (``SAMPLE_ORDERS``): a fixed order either
+            way; interleaved makes every prefix a fair sample (a validation subset such as
+            ``limit_val_batches`` or the accuracy check's first batches sees every class).
 
     Raises ``FileNotFoundError`` for a missing root or split folder and ``ValueError`` for a split
     without class folders, an empty class folder, or class folders that differ from ``classes``.
     """
 
     def __init__(self, root: str, split: str = "train", transform: Callable | None = None,
-                 classes: Sequence[str] | None = None, on_bad_image: str = "error") -> None:
+                 classes: Sequence[str] | None = None, on_bad_image: str = "error", order: str = "by_class") -> None:
         super().__init__()
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image={on_bad_image!r}: use one of {BAD_IMAGE_POLICIES}")
+        if order not in SAMPLE_ORDERS:
+            raise ValueError(f"order={order!r}: use one of {SAMPLE_ORDERS}")
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist; {LAYOUT}")
@@ -121,6 +138,8 @@ class ImageFolder(paddle.io.Dataset):
         self.classes = self._check_classes(classes)
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         self.samples = self._scan()
+        if order == "interleaved":
+            self.samples = _interleave_classes(self.samples)
         self.targets = np.array([label for _, label in self.samples], dtype=np.int64)
         self.transform = transform
         self.on_bad_image = on_bad_image

@@ -60,7 +60,9 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
     """``(train_loader, val_loader)`` over ``root/train`` and ``root/val`` (see ``qtrainer.data.folder``).
 
     Batches are ``[images float32 [B, 3, image_size, image_size], labels int64 [B]]``. The train
-    loader shuffles and drops the last incomplete batch; the val loader keeps order and every image.
+    loader shuffles and drops the last incomplete batch; the val loader keeps every image in a fixed
+    order that interleaves the classes (``ImageFolder(order="interleaved")``), so its first batches
+    are a fair sample of all of them.
 
     Args:
         root: the ImageNet-style folder.
@@ -89,8 +91,9 @@ def make_loaders(root: str, image_size: int = 224, batch_size: int = 64, workers
 
     train_set = _LoaderImageFolder(root, train_split, train_transform(image_size, mean, std, train_scale),
                             on_bad_image=on_bad_image)
+    # the classes interleaved: any first batches (limit_val_batches, a quick accuracy check) see every class
     val_set = _LoaderImageFolder(root, val_split, val_transform(image_size, mean, std, val_crop_fraction),
-                          classes=train_set.classes, on_bad_image=on_bad_image)
+                                 classes=train_set.classes, on_bad_image=on_bad_image, order="interleaved")
     replicas = world_size if distributed else 1
     if len(train_set) < batch_size * replicas:
         raise ValueError(

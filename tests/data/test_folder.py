@@ -27,6 +27,19 @@ def test_classes_are_sorted_folder_names_and_labels_follow_them(tiny_folder):
         assert os.path.basename(os.path.dirname(train.samples[index][0])) == train.classes[label]
 
 
+def test_interleaved_order_takes_the_classes_round_robin(tiny_folder):
+    by_class = ImageFolder(tiny_folder, "train")
+    mixed = ImageFolder(tiny_folder, "train", order="interleaved")
+    assert mixed.targets.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 2, 2]  # 4 cats, 3 dogs, 5 emus
+    assert sorted(mixed.samples) == sorted(by_class.samples)
+    for label in range(3):  # within a class, the folder's (sorted) order
+        assert [p for p, y in mixed.samples if y == label] == [p for p, y in by_class.samples if y == label]
+    image, label = mixed[1]
+    assert label == 1 and np.asarray(image)[0, 0, 0] == class_value(1)
+    with pytest.raises(ValueError, match=r"order='random': use one of \('by_class', 'interleaved'\)"):
+        ImageFolder(tiny_folder, "train", order="random")
+
+
 def test_explicit_classes_set_the_label_order(tmp_path):
     root = write_folder(tmp_path, {"train": {"a": 1, "b": 2}, "val": {"a": 1, "b": 2}})
     dataset = ImageFolder(root, "val", classes=["b", "a"])

@@ -30,10 +30,14 @@ def test_batches_have_the_model_input_shapes(ten_per_split):
     assert len(train) == 2  # 10 images, batch 4, last incomplete batch dropped
 
 
-def test_val_keeps_every_image_in_order(ten_per_split):
+def test_val_keeps_every_image_in_a_fixed_order_that_interleaves_the_classes(ten_per_split):
+    """A class-sorted folder read in order would give a first batch of one class: a limit_val_batches
+    subset (or max_drop's first eval batches) would then measure one class only."""
     _, val = make_loaders(ten_per_split, image_size=16, batch_size=4, val_batch_size=3)
     labels = np.concatenate([batch[1].numpy() for batch in val])
-    assert labels.tolist() == val.dataset.targets.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert labels.tolist() == val.dataset.targets.tolist() == [0, 1, 0, 1, 0, 1, 1]
+    again = make_loaders(ten_per_split, image_size=16, batch_size=4, val_batch_size=3)[1]
+    assert [p for p, _ in again.dataset.samples] == [p for p, _ in val.dataset.samples]  # the same order every time
     # the pixels match the label (the generated images are uniform at the class's gray level)
     images = np.concatenate([batch[0].numpy() for batch in val])
     red = images[:, 0].mean(axis=(1, 2)) * 0.229 + 0.485

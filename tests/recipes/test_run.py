@@ -30,7 +30,7 @@ def args(tmp_path, *extra):
 
 @pytest.mark.parametrize("argv, message", [
     (["vgg16", "fp32"], "invalid choice: 'vgg16' (choose from 'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet50')"),
-    (["resnet18", "distill"], "invalid choice: 'distill' (choose from 'fp32', 'qat', 'ptq', 'dynamic', 'all')"),
+    (["resnet18", "distill"], "invalid choice: 'distill' (choose from 'fp32', 'control', 'qat', 'ptq', 'dynamic', 'all')"),
     (["resnet18", "fp32", "--width", "0.5"], "--width applies to MobileNets only"),
 ])
 def test_unknown_arch_method_or_option_lists_the_choices(argv, message, capsys):
@@ -82,7 +82,13 @@ def test_all_methods_end_to_end_on_a_small_slice(tmp_path):
     data = write_folder(tmp_path / "data")
     common = ["--data", data, "--width", "0.25", "--calib-batches", "2", *args(tmp_path)]
     summary = run.main(["mobilenet_v1", "all", "--max-steps", "3", "--qat-max-steps", "2", *common])
-    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
+    assert list(summary) == ["fp32", "control", "ptq", "qat", "dynamic"]
+    # the control trains as QAT does (its steps, from the FP32 weights) and is what QAT is read against
+    assert summary["control"]["steps"] == summary["qat"]["steps"] == 2 and summary["fp32"]["steps"] == 3
+    control = json.load(open(tmp_path / "out" / "mobilenet_v1" / "control" / "results.json"))
+    assert control["from"].endswith(os.path.join("fp32", "net.pdparams"))
+    assert run._baseline_of("qat", summary) == "control" and run._baseline_of("ptq", summary) == "fp32"
+    assert all(row["what"] for row in summary.values())
     ptq = json.load(open(tmp_path / "out" / "mobilenet_v1" / "ptq" / "results.json"))
     assert ptq["calibrator"] == "KLQuantizer" and ptq["images"] == 8 and ptq["agreement_top1"] >= 0.75
     qat = json.load(open(tmp_path / "out" / "mobilenet_v1" / "qat" / "results.json"))
@@ -107,7 +113,7 @@ def test_every_other_architecture_runs_every_method(tmp_path, arch):
     # 1e30, which the calibrators refuse as divergence (a clear error, tested elsewhere)
     summary = run.main([arch, "all", "--max-steps", "2", "--qat-max-steps", "1", "--calib-batches", "1",
                         "--lr", "1e-6", "--qat-lr", "1e-6", "--data", data, *width, *args(tmp_path)])
-    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
+    assert list(summary) == ["fp32", "control", "ptq", "qat", "dynamic"]
     for method in ("ptq", "qat"):
         result = json.load(open(tmp_path / "out" / arch / method / "results.json"))
         assert result["images"] == 8 and sum(result["int8_ops"].values()) > 0, (method, result["int8_ops"])
@@ -154,8 +160,8 @@ def test_openvino_runtime_evaluates_every_method_on_openvino(tmp_path):
     summary = run.main(["mobilenet_v2", "all", "--max-steps", "2", "--qat-max-steps", "1", "--calib-batches", "1",
                         "--lr", "1e-6", "--qat-lr", "1e-6", "--width", "0.25", "--data", data, "--runtime", "openvino",
                         "--export", "onnx", *args(tmp_path)])
-    assert list(summary) == ["fp32", "ptq", "qat", "dynamic"]
-    for method in ("fp32", "ptq", "qat", "dynamic"):
+    assert list(summary) == ["fp32", "control", "ptq", "qat", "dynamic"]
+    for method in ("fp32", "control", "ptq", "qat", "dynamic"):
         result = json.load(open(tmp_path / "out" / "mobilenet_v2" / method / "results.json"))
         assert result["runtime"] == "openvino" and result["images"] == 8, method
     for method in ("ptq", "qat"):

@@ -27,7 +27,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import paddle
@@ -39,14 +39,14 @@ from qtrainer.quant.diagnostics.sqnr import finite_or_none as _finite_or_none
 from qtrainer.quant.diagnostics.sqnr import first_tensor as _first_tensor
 from qtrainer.quant.diagnostics.stats import stat_tag
 from qtrainer.quant.export.samples import first_inputs
-from qtrainer.quant.methods.ptq import FROZEN, calibration_layers, state_of
+from qtrainer.quant.methods.ptq import unfrozen_layers
 from qtrainer.quant.observers.absmax import AbsmaxCalibrator
 from qtrainer.quant.observers.calibrators import seed_name
 from qtrainer.quant.observers.histogram import HistCalibrator, HistogramCalibrator
 from qtrainer.quant.observers.thresholds import clipped_fraction, kl_threshold, mse_threshold, percentile_threshold
 from qtrainer.quant.quanters.fake_quant import FakeQuanter
 from qtrainer.quant.transforms.fuse import EvalMode
-from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
+from qtrainer.quant.transforms.wrap import QuantedLayer, computing_float, iter_quanted_layers
 
 __all__ = ["LayerReport", "PTQReport", "build_ptq_report", "REPORT_SUFFIX"]
 
@@ -179,25 +179,8 @@ def _batches(sample_inputs: Any, max_batches: int) -> list[paddle.Tensor]:
     return [x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x)) for x in items]
 
 
-class _QuantizationOff:
-    """Every ``FakeQuanter`` of the model passes its input through; restored on exit."""
-
-    def __init__(self, layers: Iterable[QuantedLayer]) -> None:
-        self.quanters = [q for layer in layers for q in (layer.act_quanter, layer.weight_quanter)
-                         if isinstance(q, FakeQuanter)]
-        self.flags = [q.quantizing for q in self.quanters]
-
-    def __enter__(self) -> None:
-        for q in self.quanters:
-            q.enable_quant(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for q, flag in zip(self.quanters, self.flags):
-            q.enable_quant(flag)
-
-
 def _check_frozen(model: nn.Layer) -> None:
-    waiting = [name for name, layer in calibration_layers(model) if state_of(layer) != FROZEN]
+    waiting = unfrozen_layers(model)
     if waiting:
         raise RuntimeError(
             f"build_ptq_report: PTQ layers {waiting[:5]} are still calibrating; call "
@@ -269,7 +252,7 @@ def build_ptq_report(
                 float_outputs.clear()
                 call_index.clear()
                 phase["float"] = True
-                with _QuantizationOff(quanted.values()):
+                with computing_float(model):
                     float_out = _first_tensor(run(x))
                 phase["float"] = False
                 quant_out = _first_tensor(run(x))

@@ -38,7 +38,7 @@ from qtrainer.quant.diagnostics.layer_ranking import (
     read_eval_batches,
     top1_accuracy,
 )
-from qtrainer.quant.methods.ptq import FROZEN, PTQ, calibrate, calibration_layers, freeze, state_of
+from qtrainer.quant.methods.ptq import PTQ, calibrate, freeze, unfrozen_layers
 from qtrainer.quant.transforms.wrap import iter_quanted_layers
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "sensitivity", "top1_accuracy", "read_eval_batches", "metric_value",
@@ -129,7 +129,7 @@ def _prepare_state(model: nn.Layer, config: Any) -> nn.Layer:
             f"sensitivity(method='qat-state'): {type(model).__name__} has no quantized layer; use "
             "method='ptq' for a float model, or quantize it first (QAT(...).quantize(model))"
         )
-    waiting = [name for name, layer in calibration_layers(model) if state_of(layer) != FROZEN]
+    waiting = unfrozen_layers(model)
     if waiting:
         raise ValueError(
             f"sensitivity(method='qat-state'): PTQ layers {waiting[:5]} are still calibrating; freeze the "

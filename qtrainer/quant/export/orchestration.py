@@ -107,9 +107,10 @@ class ExportOptions:
                 "'paddle' must be among them (the other formats are converted from the Paddle model)"
             )
         if "openvino" in formats:  # the extras are checked before the work, not after it
+            from qtrainer.quant.export.onnx import require_onnx, require_onnxruntime
             from qtrainer.quant.export.openvino import require_openvino
 
-            require_openvino()
+            require_openvino(), require_onnx(), require_onnxruntime()  # the IR is converted from our ONNX
         if "onnx" in formats:
             from qtrainer.quant.export.onnx import require_onnx, require_onnxruntime
 
@@ -189,8 +190,8 @@ def export_quantized_model(
             the layers that keep it from running int8 end to end, when int8 is not faster. The
             figures go into the report (``speed``).
         formats: what to write besides ``path.quant.json``: ``'paddle'`` (always) and
-            ``'openvino'`` (``path.xml`` + ``path.bin``, OpenVINO IR converted from the Paddle
-            model, int8 weights kept int8; the self-check also runs it on OpenVINO's CPU plugin
+            ``'openvino'`` (``path.xml`` + ``path.bin``, OpenVINO IR converted from the same ONNX QDQ
+            model as ``'onnx'``, int8 weights kept int8; the self-check also runs it on OpenVINO's CPU plugin
             and records its agreement and the precision each convolution runs in; the
             ``qtrainer[openvino]`` extra) and ``'onnx'`` (``path.onnx``, an ONNX QDQ model of the
             same int8 program, opset 13, checked on onnxruntime like the Paddle model, with the
@@ -315,8 +316,8 @@ def _write_openvino(final: "_Attempt", context: "_Context") -> dict[str, Any]:
     from qtrainer.quant.export.openvino import check_openvino, convert_openvino
 
     def convert(stem: str, path: str) -> dict[str, Any]:
-        convert_openvino(stem, path)
-        return {}
+        convert_openvino(stem, path, calibration=context.batches)
+        return {"converted_from": "onnx"}
 
     return _write_other_format(final, context, ".xml", convert, check_openvino)
 

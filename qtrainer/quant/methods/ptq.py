@@ -58,6 +58,7 @@ __all__ = [
     "PTQ_EXTRA_KWARGS",
     "calibrate",
     "calibration_layers",
+    "unfrozen_layers",
     "calibration_state",
     "freeze",
     "pause_calibration",
@@ -280,6 +281,11 @@ def calibration_layers(model: nn.Layer) -> list[tuple[str, QuantedLayer]]:
         if isinstance(layer.act_quanter, FakeQuanter)
         and isinstance(layer.act_quanter.observer, _CALIBRATOR_TYPES)
     ]
+
+
+def unfrozen_layers(model: nn.Layer) -> list[str]:
+    """Names of the PTQ layers still calibrating or paused (not yet ``freeze``-d); empty for QAT models."""
+    return [name for name, layer in calibration_layers(model) if state_of(layer) != FROZEN]
 
 
 def _layers_or_raise(model: nn.Layer, action: str) -> list[tuple[str, QuantedLayer]]:

@@ -274,3 +274,60 @@ def test_export_with_onnx_missing_names_the_extra(cnn_export, fmnist, tmp_path, 
         export_quantized_model(cnn_export["net"], str(tmp_path / "m"), sample_inputs=samples(fmnist),
                                formats=("paddle", "onnx"))
     assert not any(tmp_path.iterdir())
+
+
+
+def _one_int8_conv(channels: int, weight_code: int):
+    """``Q(u8) -> DQ -> Conv <- DQ(int8 weights) -> Q(s8) -> DQ``: onnxruntime fuses it into one ``QLinearConv``.
+
+    Input scale 1 (the codes are the values), weights of two output channels all ``+code`` / ``-code``,
+    output scale 2**15 (coarse enough to hold the largest sum).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.full((2, channels, 1, 1), weight_code, np.int8)
+    weights[1] = -weight_code
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "xs"), helper.make_tensor("xz", TensorProto.UINT8, [], [0]),
+             numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.ones(2, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "wz"),
+             numpy_helper.from_array(np.array(2.0 ** 15, np.float32), "ys"), helper.make_tensor("yz", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["yc"]),
+             helper.make_node("QuantizeLinear", ["yc", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "one_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_onnxruntime_int8_is_exact_where_isa_runs_target_says(tmp_path):
+    """The hardware fact behind the u8 headroom of ``target='portable'``, measured on this CPU.
+
+    u8 codes of 255 times int8 weights of 127: VNNI sums every product in 32 bits (exact); AVX2 sums
+    pairs in 16 bits, 2 x 255 x 127 > 32767, and saturates. With the headroom (u8 codes <= 127)
+    the pairs fit, and the sum is exact on every CPU.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from qtrainer.quant.export.isa import int8_isa, isa_runs_target
+
+    channels, half_step = 64, 2.0 ** 14
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(_one_int8_conv(channels, 127).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+    def error(code: float) -> float:
+        out = session.run(None, {"x": np.full((1, channels, 2, 2), code, np.float32)})[0][:, :, 0, 0].reshape(-1)
+        exact = channels * code * 127
+        return float(np.abs(out - [exact, -exact]).max())
+
+    assert error(127.0) <= half_step  # the headroom grid: exact (to the output's rounding) everywhere
+    full_grid_exact = error(255.0) <= half_step
+    assert full_grid_exact == isa_runs_target(int8_isa(), "vnni"), (int8_isa(), error(255.0))
+    if not full_grid_exact:  # saturated pairs: about half the true sum
+        assert error(255.0) > 0.4 * channels * 255 * 127
