@@ -5,9 +5,10 @@ model) with ``openvino.convert_model`` and writes ``prefix.xml`` + ``prefix.bin`
 atomically; ``convert_openvino(prefix, xml)`` writes them in place, e.g. into the export's staging
 directory. An int8 model goes through our ONNX QDQ conversion (``qtrainer.quant.export.onnx``: batch
 norms folded into the weight scales, one quantizer per tensor, quantized outputs before the residual
-adds), not through OpenVINO's Paddle frontend: on the trained main-command MobileNetV1 on an AVX2
-CPU the Paddle route agreed with Paddle Inference on 94.1% of top-1 answers (relative L2 0.13), the
-ONNX route on 98.9% (0.022), and on both CPU kinds the ONNX route runs faster (README, Results). A
+adds), not through OpenVINO's Paddle frontend: on the trained main-command MobileNetV1 (QAT) on an
+AVX2 CPU the Paddle route agreed with the simulation on 93.7% of the test set's top-1 answers
+(relative L2 0.13), the ONNX route on 98.8% (0.024), and on both CPU kinds the ONNX route runs
+faster (README, Results). A
 float model is read from its ``.pdmodel``. The weights stay
 int8 in the IR (an ``i8`` constant, a ``Convert`` and a per-channel ``Multiply``), so the ``.bin`` is
 about a quarter of the float model's (MobileNetV1: 4.3 MB vs 16.9 MB). ``save_model`` is called with
