@@ -53,9 +53,9 @@ def _resnet50(num_classes: int, width: float, pretrained: bool) -> nn.Layer:
 # Fashion-MNIST: 28x28 images upscaled to 32, narrow MobileNets (depthwise convs are slow on
 # Paddle's CPU kernels, ~80% of a training step, and use one core), step budgets that finish on a
 # laptop CPU. The MobileNets want a large Adam rate: after 200 steps MobileNetV1 x0.25 reached
-# 0.42 / 0.76 / 0.80 / 0.83 / 0.80 / 0.60 top-1 (first 1,920 test images: in the class-sorted folder,
-# T-shirts and trousers only) at 2e-3 / 8e-3 / 1.6e-2 /
-# 3.2e-2 / 6.4e-2 / 0.128, MobileNetV2 0.49 / 0.77 at 2e-3 / 3e-2. Measured 2026-12-04 (AVX2 EPYC,
+# 0.42 / 0.76 / 0.80 / 0.83 / 0.80 / 0.60 top-1 (first 1,920 test images: in the class-sorted
+# folder, T-shirts and trousers only) at 2e-3 / 8e-3 / 1.6e-2 / 3.2e-2 / 6.4e-2 / 0.128,
+# MobileNetV2 0.49 / 0.77 at 2e-3 / 3e-2. Measured 2026-12-04 (AVX2 EPYC,
 # lr 1e-2, all 10,000 test images): without area crops x0.25 reached 0.762 after 300 steps (110 s)
 # and 0.800 after 600 (257 s; 0.749 with crops of 64-100% of the area); x0.5 0.787 after 300 steps
 # (~0.75 s a step); batch 32 for 600 steps at 5e-3 0.717; two data-parallel processes of 64 images

@@ -8,8 +8,7 @@ norms folded into the weight scales, one quantizer per tensor, quantized outputs
 adds), not through OpenVINO's Paddle frontend: on the trained main-command MobileNetV1 (QAT) on an
 AVX2 CPU the Paddle route agreed with the simulation on 93.7% of the test set's top-1 answers
 (relative L2 0.13), the ONNX route on 98.8% (0.024), and on both CPU kinds the ONNX route runs
-faster (README, Results). A
-float model is read from its ``.pdmodel``. The weights stay
+faster (README, Results). A float model is read from its ``.pdmodel``. The weights stay
 int8 in the IR (an ``i8`` constant, a ``Convert`` and a per-channel ``Multiply``), so the ``.bin`` is
 about a quarter of the float model's (MobileNetV1: 4.3 MB vs 16.9 MB). ``save_model`` is called with
 ``compress_to_fp16=False``: on an int8 model ``True`` changes nothing in OpenVINO 2026.4 (the
@@ -79,12 +78,13 @@ def require_openvino() -> ModuleType:
 
 
 # ---------------------------------------------------------------------- writing the IR
-def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any] | None = None) -> list[str]:
+def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any] | None = None,
+                     onnx_model: str | None = None) -> list[str]:
     """Convert the model at ``model_prefix`` to OpenVINO IR at ``xml_path`` (and its ``.bin``), in place.
 
     An int8 model is converted through ``convert_to_onnx`` (with ``calibration``, the batches that
-    set the scale of the convolution outputs before a residual add; see the module docstring), a
-    float one from its ``.pdmodel``. No staging: for a caller that writes into its own staging
+    set the scale of the convolution outputs before a residual add; see the module docstring), or
+    from ``onnx_model``, that conversion already written; a float one from its ``.pdmodel``. No staging: for a caller that writes into its own staging
     directory (the export's attempt directory, published with the rest); ``write_openvino`` is the
     safe version for a final location. The model files are checked against their export report
     first (``files.verify_export``: an interrupted export is refused). Returns ``[xml, bin]``.
@@ -96,7 +96,9 @@ def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any
     int8 = any(op.type == "quantize_linear" for op in read_program_ops(model))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(xml_path))) as scratch:
         source = model
-        if int8:
+        if int8 and onnx_model is not None:
+            source = onnx_model
+        elif int8:
             from qtrainer.quant.export.onnx import convert_to_onnx
 
             source = os.path.join(scratch, "model.onnx")

@@ -296,10 +296,10 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
         )
         if checking.measure_speed:
             report.speed = exporter.measure_speed(final)
-        if "openvino" in options.formats:
-            report.openvino = _write_openvino(final, context)
         if "onnx" in options.formats:
             report.onnx = _write_onnx(final, context)
+        if "openvino" in options.formats:  # from the ONNX model just written, if it was asked for
+            report.openvino = _write_openvino(final, context, reuse_onnx="onnx" in options.formats)
         _log_check(report, prefix, checking.on_failure)
         publish_export(final.directory, prefix, report)
         report.written = published = True
@@ -311,12 +311,13 @@ def _export(model: nn.Layer, path: str, input_spec: Sequence[Any] | None, sample
     return report
 
 
-def _write_openvino(final: "_Attempt", context: "_Context") -> dict[str, Any]:
-    """Convert the chosen attempt to OpenVINO IR beside it; check it like the Paddle model."""
+def _write_openvino(final: "_Attempt", context: "_Context", reuse_onnx: bool) -> dict[str, Any]:
+    """Convert the chosen attempt to OpenVINO IR beside it (through its ONNX model: the one
+    ``_write_onnx`` wrote when ``reuse_onnx``); check it like the Paddle model."""
     from qtrainer.quant.export.openvino import check_openvino, convert_openvino
 
     def convert(stem: str, path: str) -> dict[str, Any]:
-        convert_openvino(stem, path, calibration=context.batches)
+        convert_openvino(stem, path, calibration=context.batches, onnx_model=stem + ".onnx" if reuse_onnx else None)
         return {"converted_from": "onnx"}
 
     return _write_other_format(final, context, ".xml", convert, check_openvino)
