@@ -276,7 +276,6 @@ def test_export_with_onnx_missing_names_the_extra(cnn_export, fmnist, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-
 def _one_int8_conv(channels: int, weight_code: int):
     """``Q(u8) -> DQ -> Conv <- DQ(int8 weights) -> Q(s8) -> DQ``: onnxruntime fuses it into one ``QLinearConv``.
 
