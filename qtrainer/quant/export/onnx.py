@@ -32,7 +32,7 @@ from qtrainer.quant.export.onnx_runtime import (
     run_onnxruntime,
 )
 
-__all__ = [
+__all__ = ["onnx_bias_shifts", 
     "MIN_OPSET",
     "require_onnx",
     "require_onnxruntime",
@@ -67,6 +67,20 @@ def _program_vars(pdmodel: str) -> tuple[dict[str, list[int]], dict[str, Any]]:
         name = framework_pb2.VarType.Type.Name(tensor.data_type)
         dtypes[var.name] = _NUMPY_DTYPES.get(name, np.float32)
     return shapes, dtypes
+
+
+def onnx_bias_shifts(model_prefix: str) -> dict[str, np.ndarray]:
+    """What ``convert_to_onnx`` would round off each int8 convolution's folded bias: per parameter
+    of the Paddle program (a batch norm's beta, or the bias added), the vector that, added to it,
+    puts that bias on the int32 grid ``x_scale * w_scale`` onnxruntime computes it on."""
+    require_onnx()
+    from qtrainer.quant.export.onnx_convert import ProgramToOnnx
+
+    pdmodel = model_prefix + ".pdmodel"
+    shapes, dtypes = _program_vars(pdmodel)
+    converter = ProgramToOnnx(read_program_ops(pdmodel), read_params(model_prefix), shapes, dtypes)
+    converter.build()
+    return dict(converter.report.bias_shifts)
 
 
 def convert_to_onnx(model_prefix: str, onnx_path: str, opset: int = MIN_OPSET,

@@ -27,6 +27,9 @@ def _unary(onnx_type: str):
 
 
 def _clip(c: Any, op: ProgramOp) -> None:
+    if id(op) in c.clamped_clips:  # already applied to the codes of the quantization before it
+        c.node("Identity", [c.value(c.inp(op))], [c.out(op)])
+        return
     if op.type == "relu6":
         low, high = 0.0, float(op.attrs.get("threshold", 6.0))
     else:

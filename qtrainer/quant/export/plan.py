@@ -27,13 +27,20 @@ from qtrainer.quant.observers.absmax import MIN_SCALE
 from qtrainer.quant.quanters.fake_quant import INT8_QMAX, FakeQuanter
 from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
 
-__all__ = ["Observed", "working_copy", "observe_layers", "plan_layers", "mark_fallback", "matches", "threshold_of"]
+__all__ = ["CLIP_FRACTION", "Observed", "working_copy", "observe_layers", "plan_layers", "mark_fallback", "matches", "threshold_of"]
 
 logger = logging.getLogger(__name__)
 
 # The u8 scale of an unsigned 8-bit activation with headroom (CPUs without VNNI): codes of [0, T]
 # are 0..127, as in the simulation. For a VNNI target the scale is T itself: codes 0..255 on [0, T].
 _U8_FACTOR = 255.0 / 127.0
+#: ``clip_activations='auto'`` clips a layer's input explicitly before its int8 quantization when at
+#: least this fraction of its sample inputs lies where the simulation clips but the deployed grid
+#: would not (trained MobileNetV1 x0.25 on Fashion-MNIST, KL-calibrated PTQ, 10,000 test images,
+#: agreement with the simulation in Paddle Inference: 97.12% unclipped, 99.75% with 1e-3 (3 of 28
+#: layers clipped), 99.98% with 1e-4 (7 layers); each clip costs Paddle its int8-to-int8 chaining
+#: there, and QAT's abs-max scales and the random-weight speed models stay below 1e-3).
+CLIP_FRACTION = 1e-3
 # A threshold this small means the layer only ever saw zeros; Paddle would leave it in float.
 _TINY_SCALE = 1e3 * MIN_SCALE
 
@@ -173,17 +180,33 @@ def plan_layers(quanted, observed: Observed, keep_float, clip_activations, targe
             continue
         qmax = qmax_for_bits(plan.act_bits)
         low_bits = plan.act_bits < INT8_BITS
-        plan.act_clip = clip_activations is True or (clip_activations == "auto" and low_bits)
+        full_grid = False
         if plan.act_signed:
             plan.deploy_act_scale = threshold * 127.0 / qmax
         elif not headroom and not low_bits and not layer.input_quantized_outside:
             # VNNI: the full u8 grid (finer than the simulation's step T/127, clipped at T as it is);
             # a residual block's input keeps the u8 grid its simulation adds (step T/127)
             plan.deploy_act_scale = threshold
+            full_grid = True
         else:
             plan.deploy_act_scale = threshold * _U8_FACTOR * 127.0 / qmax
+        plan.act_clip = clip_activations is True or (clip_activations == "auto" and (
+            low_bits or (not layer.input_quantized_outside and not plan.act_pact  # PACT's clip is traced
+                         and _deployment_would_not_clip(plan, full_grid))))
     _unify_shared_scales(plans)
     return plans, weights
+
+
+def _deployment_would_not_clip(plan: LayerExport, full_grid: bool) -> bool:
+    """True when the samples put at least ``CLIP_FRACTION`` of the layer's inputs where the
+    simulation clips and the deployed int8 grid would not: above ``T`` on the u8 headroom grid
+    (codes up to 255 reach ``2T``), or below ``-T`` for a signed input (s8 reaches code -128).
+    Calibrators that clip on purpose (KL, histogram, MSE) do this; abs-max scales rarely."""
+    if (plan.above_threshold or 0.0) < CLIP_FRACTION:
+        return False
+    if plan.act_signed:
+        return plan.input_min is not None and plan.input_min < -plan.act_scale * 127.5 / 127.0
+    return not full_grid
 
 
 def _float_reason(name, layer, plan, keep_float, threshold) -> str | None:

@@ -253,7 +253,7 @@ def test_export_writes_and_checks_the_onnx_model(fmnist, cnn_export, tmp_path):
     import json
 
     first = cnn_export["report"]
-    model = cnn_export["net"]  # the same trained net, exported again with the ONNX model
+    model = copy.deepcopy(cnn_export["net"])  # the same trained net, exported again with the ONNX model
     prefix = str(tmp_path / "both")
     report = export_quantized_model(model, prefix, sample_inputs=samples(fmnist), formats=("paddle", "onnx"),
                                     measure_speed=False, on_failure="raise" if EXACT_INT8 else "write")
@@ -330,3 +330,86 @@ def test_onnxruntime_int8_is_exact_where_isa_runs_target_says(tmp_path):
     assert full_grid_exact == isa_runs_target(int8_isa(), "vnni"), (int8_isa(), error(255.0))
     if not full_grid_exact:  # saturated pairs: about half the true sum
         assert error(255.0) > 0.4 * channels * 255 * 127
+
+
+def _run_unfused(path: str, batches) -> np.ndarray:
+    """The ONNX model's own semantics: onnxruntime without graph optimizations runs every
+    QuantizeLinear/DequantizeLinear as written, with float kernels (the same on every CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: batch})[0] for batch in batches])
+
+
+def test_an_explicit_clip_runs_on_the_codes_and_the_model_computes_the_simulation(fmnist, cnn_export, tmp_path):
+    """``clip_activations=True``: a clip to ``T`` between an int8 layer and the next quantization becomes a
+    ``Clip`` of the u8 codes right after the QuantizeLinear that follows the conv (which stays an int8
+    kernel), and the model computes what the simulation computes (unfused: to float rounding)."""
+    import onnx
+
+    net = copy.deepcopy(cnn_export["net"])
+    prefix = str(tmp_path / "clipped")
+    batches = samples(fmnist)
+    report = export_quantized_model(net, prefix, sample_inputs=batches, formats=("paddle", "onnx"),
+                                    clip_activations=True, fallback=False, measure_speed=False, on_failure="write")
+    assert all(layer.act_clip for layer in report.layers)
+    model = onnx.load(prefix + ".onnx")
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inputs = {value.name for value in model.graph.input}
+    clips = [node for node in model.graph.node if node.op_type == "Clip"]
+    on_codes = [node for node in clips if node.input[0] not in inputs]
+    assert len(on_codes) == len(report.int8_layers) - 1  # every int8 layer but the first, on the image
+    assert all(producers[node.input[0]].op_type == "QuantizeLinear" for node in on_codes)
+    assert report.onnx["graph"]["int8_compute"] == len(report.int8_layers)
+    net.eval()
+    reference = dygraph(net, batches)
+    deployed = _run_unfused(prefix + ".onnx", batches)
+    rel_l2 = np.linalg.norm(deployed - reference) / np.linalg.norm(reference)
+    assert rel_l2 < 0.01, rel_l2  # a clip moved with the wrong step gave 0.05 and more
+    assert np.mean(deployed.argmax(1) == reference.argmax(1)) >= 0.998
+
+
+def test_the_onnx_export_moves_biases_onto_the_int32_grid(fmnist, cnn_export, tmp_path):
+    """With an ONNX model the export moves each int8 conv's folded bias (here its batch norm's beta) onto
+    the int32 grid onnxruntime adds it on, in the model itself; ``align_biases=False`` leaves the model
+    alone, and the ONNX model then rounds what the model computes."""
+    shifts_before = qonnx.onnx_bias_shifts(cnn_export["prefix"])  # the Paddle-only export of the same net
+    assert len(shifts_before) == 2 and max(np.abs(v).max() for v in shifts_before.values()) > 0
+    batches = samples(fmnist)
+    untouched = copy.deepcopy(cnn_export["net"])
+    before = {k: v.numpy().copy() for k, v in untouched.state_dict().items()}
+    export_quantized_model(untouched, str(tmp_path / "rounded"), sample_inputs=batches, formats=("paddle", "onnx"),
+                           align_biases=False, measure_speed=False, on_failure="write")
+    assert all(np.array_equal(before[k], v.numpy()) for k, v in untouched.state_dict().items())
+    assert len(qonnx.onnx_bias_shifts(str(tmp_path / "rounded"))) == len(shifts_before)
+
+    net = copy.deepcopy(cnn_export["net"])
+    report = export_quantized_model(net, str(tmp_path / "aligned"), sample_inputs=batches,
+                                    formats=("paddle", "onnx"), measure_speed=False, on_failure="write")
+    aligned = report.onnx["aligned_biases"]
+    assert aligned["biases"] == 2 and not aligned["not_found"]
+    after = {k: v.numpy() for k, v in net.state_dict().items()}
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed == ["1.bias", "5.bias"]  # the two batch norms' beta
+    assert max(np.abs(after[k] - before[k]).max() for k in changed) <= aligned["max_shift"] * 1.001 + 1e-7
+    left = qonnx.onnx_bias_shifts(str(tmp_path / "aligned"))
+    assert max(np.abs(v).max() for v in left.values()) < 0.01 * max(np.abs(v).max() for v in shifts_before.values())
+    net.eval(), untouched.eval()
+    reference = dygraph(net, batches)  # the aligned model, which the ONNX model now computes
+    deployed = _run_unfused(str(tmp_path / "aligned") + ".onnx", batches)
+    rounded = _run_unfused(str(tmp_path / "rounded") + ".onnx", batches)
+    assert np.linalg.norm(deployed - reference) < np.linalg.norm(rounded - dygraph(untouched, batches))
+
+
+@pytest.mark.parametrize("value, formats, message", [
+    ("yes", ("paddle", "onnx"), "align_biases='yes' is not valid"),
+    (True, ("paddle",), "needs 'onnx' in formats"),
+])
+def test_bad_align_biases_is_refused(cnn_export, fmnist, tmp_path, value, formats, message):
+    with pytest.raises(ValueError, match=message):
+        export_quantized_model(cnn_export["net"], str(tmp_path / "m"), sample_inputs=samples(fmnist),
+                               formats=formats, align_biases=value)
+    assert not os.listdir(tmp_path)

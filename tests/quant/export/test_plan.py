@@ -8,7 +8,7 @@ from paddle import nn
 
 from qtrainer.quant import QAT, iter_quanted_layers
 from qtrainer.quant.export.layers import FrozenActQuanter
-from qtrainer.quant.export.plan import matches, observe_layers, plan_layers, working_copy
+from qtrainer.quant.export.plan import CLIP_FRACTION, matches, observe_layers, plan_layers, working_copy
 
 
 def _trained_net():
@@ -93,3 +93,31 @@ def test_low_bit_and_residual_inputs_keep_their_simulated_grid_on_every_target(t
     residual = _plans_for(target)["4.conv1"]
     assert not residual.act_signed
     assert residual.deploy_act_scale == pytest.approx(residual.act_scale * 255 / 127)  # the block's u8 grid
+
+
+def _plans_with_thresholds(thresholds: dict[str, float], target: str, clip="auto"):
+    work = working_copy(_trained_net())
+    quanted = dict(iter_quanted_layers(work))
+    for name, threshold in thresholds.items():
+        quanted[name].act_quanter = FrozenActQuanter(threshold, 8)
+    batch = [np.random.RandomState(0).standard_normal((2, 1, 8, 8)).astype("float32")]
+    observed, _ = observe_layers(work, quanted, [batch])
+    return plan_layers(quanted, observed, keep_float=[], clip_activations=clip, target=target)[0]
+
+
+@pytest.mark.parametrize("target", ["portable", "vnni"])
+def test_auto_clips_inputs_the_deployed_grid_would_keep_beyond_the_threshold(target):
+    """'auto' clips where the simulation clips and the deployed grid would not: a signed input below
+    -T (s8 reaches -128), an unsigned one above T on the u8 headroom grid (codes reach 2T); a VNNI
+    target's full u8 grid clips at T itself. Thresholds above every input clip nothing."""
+    tight = _plans_with_thresholds({"0": 0.5, "2": 1e-3}, target)
+    signed, unsigned = tight["0"], tight["2"]
+    assert signed.act_signed and signed.input_min < -0.5 and signed.above_threshold > CLIP_FRACTION
+    assert not unsigned.act_signed and unsigned.above_threshold > CLIP_FRACTION
+    assert signed.act_clip
+    assert unsigned.act_clip == (target != "vnni")
+    loose = _plans_with_thresholds({"0": 1e3, "2": 1e3}, target)
+    assert loose["0"].above_threshold == loose["2"].above_threshold == 0.0
+    assert not loose["0"].act_clip and not loose["2"].act_clip
+    never = _plans_with_thresholds({"0": 0.5, "2": 1e-3}, target, clip=False)
+    assert not never["0"].act_clip and not never["2"].act_clip
