@@ -72,10 +72,11 @@ def calibration_batches() -> list[np.ndarray]:
     return [rng.standard_normal([8, 3, 224, 224]).astype("float32") for _ in range(3)]
 
 
-def nncf_model(fp32_xml: str, out_xml: str) -> str:
-    """``nncf.quantize`` of the OpenVINO fp32 model on the calibration batches, saved at ``out_xml``."""
+def nncf_model(fp32_xml: str, out_xml: str, batches: list[np.ndarray] | None = None) -> str:
+    """``nncf.quantize`` of the OpenVINO fp32 model on ``batches`` (default: the calibration
+    batches), saved at ``out_xml``."""
     ov, nncf = require_openvino(), _nncf()
-    batches = calibration_batches()
+    batches = calibration_batches() if batches is None else batches
     model = ov.Core().read_model(fp32_xml)
     quantized = nncf.quantize(model, nncf.Dataset(batches), target_device=nncf.TargetDevice.CPU,
                               subset_size=len(batches))

@@ -148,8 +148,11 @@ class _Batches:
         return next(self._items, None)
 
 
-def peer_models(fp32_onnx: str, directory: str, preprocess: bool) -> tuple[dict[str, str], dict[str, Any]]:
-    """onnxruntime's ``quantize_static`` of ``fp32_onnx``, U8S8 and S8S8, on the calibration batches."""
+def peer_models(fp32_onnx: str, directory: str, preprocess: bool,
+                batches: list[np.ndarray] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """onnxruntime's ``quantize_static`` of ``fp32_onnx``, U8S8 and S8S8, on ``batches`` (default:
+    the calibration batches)."""
+    batches = calibration_batches() if batches is None else batches
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     info: dict[str, Any] = {"preprocess": "none"}
@@ -169,7 +172,7 @@ def peer_models(fp32_onnx: str, directory: str, preprocess: bool) -> tuple[dict[
     for runtime, (activations, weights) in PEERS.items():
         path = os.path.join(directory, f"{runtime}.onnx")
         start = time.perf_counter()
-        quantize_static(source, path, _Batches(input_name, calibration_batches()), quant_format=QuantFormat.QDQ,
+        quantize_static(source, path, _Batches(input_name, batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=getattr(QuantType, activations),
                         weight_type=getattr(QuantType, weights), calibrate_method=CalibrationMethod.MinMax)
         info[f"{runtime}_seconds"] = round(time.perf_counter() - start, 1)
