@@ -33,16 +33,17 @@ def align_biases(models: list[nn.Layer], traced: nn.Layer, shifts: dict[str, np.
     ``{"biases": count, "max_shift": largest |shift|, "not_found": names without a parameter of that
     size in every model}``."""
     paths = {param.name: path for path, param in traced.named_parameters()}
+    by_path = [dict(model.named_parameters()) for model in models]
     done, largest, not_found = 0, 0.0, []
     for name, shift in sorted(shifts.items()):
         path = paths.get(name)
-        targets = [dict(model.named_parameters()).get(path) for model in models] if path else [None]
+        targets = [params.get(path) for params in by_path] if path else [None]
         if any(t is None or int(np.prod(t.shape)) != shift.size for t in targets):
             not_found.append(path or name)
             continue
         for param in targets:
-            value = param.numpy().astype(np.float64) + shift.reshape(param.shape)
-            param.set_value(value.astype(param.numpy().dtype))
+            value = param.numpy()
+            param.set_value((value.astype(np.float64) + shift.reshape(value.shape)).astype(value.dtype))
         done += 1
         largest = max(largest, float(np.max(np.abs(shift))) if shift.size else 0.0)
     return {"biases": done, "max_shift": largest, "not_found": not_found}

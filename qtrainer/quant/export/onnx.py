@@ -32,11 +32,12 @@ from qtrainer.quant.export.onnx_runtime import (
     run_onnxruntime,
 )
 
-__all__ = ["onnx_bias_shifts", 
+__all__ = [
     "MIN_OPSET",
     "require_onnx",
     "require_onnxruntime",
     "convert_to_onnx",
+    "onnx_bias_shifts",
     "load_onnxruntime",
     "run_onnxruntime",
     "onnxruntime_int8_nodes",
@@ -76,11 +77,24 @@ def onnx_bias_shifts(model_prefix: str) -> dict[str, np.ndarray]:
     require_onnx()
     from qtrainer.quant.export.onnx_convert import ProgramToOnnx
 
-    pdmodel = model_prefix + ".pdmodel"
-    shapes, dtypes = _program_vars(pdmodel)
-    converter = ProgramToOnnx(read_program_ops(pdmodel), read_params(model_prefix), shapes, dtypes)
+    converter = ProgramToOnnx(*_read_int8_program(model_prefix))
     converter.build()
     return dict(converter.report.bias_shifts)
+
+
+def _read_int8_program(model_prefix: str) -> tuple[list, dict[str, np.ndarray], dict, dict]:
+    """``(ops, params, shapes, dtypes)`` of the int8 Paddle program at ``model_prefix`` (``ValueError``
+    for a program without quantize_linear ops)."""
+    params = read_params(model_prefix)  # verifies the files against their export report
+    pdmodel = model_prefix + ".pdmodel"
+    ops = read_program_ops(pdmodel)
+    if not any(op.type == "quantize_linear" for op in ops):
+        raise ValueError(
+            f"{pdmodel!r} has no quantize_linear op: the model was never quantized (convert_to_onnx takes "
+            "the int8 export of export_quantized_model; export a float model with paddle.onnx.export)"
+        )
+    shapes, dtypes = _program_vars(pdmodel)
+    return ops, params, shapes, dtypes
 
 
 def convert_to_onnx(model_prefix: str, onnx_path: str, opset: int = MIN_OPSET,
@@ -118,15 +132,7 @@ def convert_to_onnx(model_prefix: str, onnx_path: str, opset: int = MIN_OPSET,
         raise ValueError(f"float_outputs={float_outputs!r} is not valid: use one of {FLOAT_OUTPUTS}")
     if os.path.isdir(onnx_path):
         raise ValueError(f"onnx_path={onnx_path!r} is a directory; give the path of the .onnx file to write")
-    params = read_params(model_prefix)  # verifies the files against their export report
-    pdmodel = model_prefix + ".pdmodel"
-    ops = read_program_ops(pdmodel)
-    if not any(op.type == "quantize_linear" for op in ops):
-        raise ValueError(
-            f"{pdmodel!r} has no quantize_linear op: the model was never quantized (convert_to_onnx takes "
-            "the int8 export of export_quantized_model; export a float model with paddle.onnx.export)"
-        )
-    shapes, dtypes = _program_vars(pdmodel)
+    ops, params, shapes, dtypes = _read_int8_program(model_prefix)
     thresholds = None
     if calibration is not None and float_outputs == "int8":
         thresholds = _calibrate(onnx, ProgramToOnnx(ops, params, shapes, dtypes, "float"), opset, calibration)
