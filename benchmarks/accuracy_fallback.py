@@ -4,8 +4,7 @@
     python benchmarks/accuracy_fallback.py --weight-bits 4 --max-drop 0.005 --eval-batches 20
 
 Model: the recipe's FP32 MobileNetV1 (``benchmarks/_recipe_fp32.py``: 32 px Fashion-MNIST, the
-recipe's default width: 0.5 since 2026-12-04, 0.25 in ``results/accuracy_fallback_w4.json``; trained
-first when ``--fp32`` is not given). ``PTQ(KLQuantizer, weight_bits=--weight-bits)``
+recipe's default width 0.25; trained first when ``--fp32`` is not given). ``PTQ(KLQuantizer, weight_bits=--weight-bits)``
 with Conv+BN folded, calibrated on the recipe's calibration batches, is exported twice: all int8,
 and with ``export_quantized_model(..., max_drop=--max-drop, eval_loader=<the first --eval-batches
 test batches>)``. Both deployed models (Paddle Inference int8) are then scored on the whole test

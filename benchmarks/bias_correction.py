@@ -3,9 +3,8 @@
     python benchmarks/bias_correction.py                        # trains the recipe's FP32 model first
     python benchmarks/bias_correction.py --fp32 recipe_runs/mobilenet_v1/fp32/net.pdparams
 
-Model: ``recipes.run mobilenet_v1`` on Fashion-MNIST (32 px, the recipe's default width: 0.5 since
-2026-12-04, 0.25 in ``results/bias_correction.json``; its FP32 stage is run into ``--out`` when
-``--fp32`` is not given). For weight bits 8 and 6 (activations 8, KL
+Model: ``recipes.run mobilenet_v1`` on Fashion-MNIST (32 px, the recipe's default width 0.25; its
+FP32 stage is run into ``--out`` when ``--fp32`` is not given). For weight bits 8 and 6 (activations 8, KL
 calibration, per-channel weights, Conv+BN folded), the same FP32 model goes through
 ``PTQ.quantize(fuse=True)``, ``calibrate`` on the recipe's calibration batches and ``freeze``;
 with bias correction, ``correct_bias`` on the first ``--bias-batches`` of those batches. Each

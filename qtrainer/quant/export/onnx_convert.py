@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qtrainer.quant.export.inference import ProgramOp
-from qtrainer.quant.export.onnx_ops import CONST_FOLDABLE, OP_HANDLERS, onnx_pads
+from qtrainer.quant.export.onnx_ops import CONST_FOLDABLE, OP_HANDLERS, clip_bounds, onnx_pads
 
 __all__ = ["FLOAT_OUTPUTS", "ProgramToOnnx"]
 
@@ -438,19 +438,14 @@ def _clamped(c: ProgramToOnnx, quant: _Quant, clips: list[ProgramOp]) -> _Quant:
     if not clips:
         return quant
     zero = 0 if quant.unsigned else 128
+
+    def code(value: float) -> int:
+        return int(np.clip(np.round(value / quant.scale) + zero, 0, 255))
+
     low, high = 0, 255
     for op in clips:
-        if "Min" in op.inputs or "Max" in op.inputs:
-            raise c.unsupported(op, "min/max given as tensors")
-        if op.type == "relu6":
-            bounds = (("min", 0.0), ("max", float(op.attrs.get("threshold", 6.0))))
-        else:
-            bounds = (("min", op.attrs.get("min")), ("max", op.attrs.get("max")))
-        for bound, value in bounds:
-            if value is None:
-                continue
-            code = int(np.clip(np.round(float(value) / quant.scale) + zero, 0, 255))
-            low, high = (max(low, code), high) if bound == "min" else (low, min(high, code))
+        lowest, highest = clip_bounds(c, op)
+        low, high = max(low, code(lowest)), min(high, code(highest))
         c.clamped_clips.add(id(op))
     return _Quant(quant.scale, quant.unsigned, (low, max(low, high)))
 

@@ -26,16 +26,20 @@ def _unary(onnx_type: str):
     return handler
 
 
+def clip_bounds(c: Any, op: ProgramOp) -> tuple[float, float]:
+    """``(min, max)`` of a ``relu6`` or ``clip`` op (unsupported when given as tensors)."""
+    if op.type == "relu6":
+        return 0.0, float(op.attrs.get("threshold", 6.0))
+    if "Min" in op.inputs or "Max" in op.inputs:
+        raise c.unsupported(op, "min/max given as tensors")
+    return float(op.attrs.get("min", -math.inf)), float(op.attrs.get("max", math.inf))
+
+
 def _clip(c: Any, op: ProgramOp) -> None:
     if id(op) in c.clamped_clips:  # already applied to the codes of the quantization before it
         c.node("Identity", [c.value(c.inp(op))], [c.out(op)])
         return
-    if op.type == "relu6":
-        low, high = 0.0, float(op.attrs.get("threshold", 6.0))
-    else:
-        if "Min" in op.inputs or "Max" in op.inputs:
-            raise c.unsupported(op, "min/max given as tensors")
-        low, high = float(op.attrs.get("min", -math.inf)), float(op.attrs.get("max", math.inf))
+    low, high = clip_bounds(c, op)
     c.node("Clip", [c.value(c.inp(op)), c.const("clip.min", np.float32(low)), c.const("clip.max", np.float32(high))],
            [c.out(op)])
 

@@ -84,9 +84,10 @@ def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any
 
     An int8 model is converted through ``convert_to_onnx`` (with ``calibration``, the batches that
     set the scale of the convolution outputs before a residual add; see the module docstring), or
-    from ``onnx_model``, that conversion already written; a float one from its ``.pdmodel``. No staging: for a caller that writes into its own staging
-    directory (the export's attempt directory, published with the rest); ``write_openvino`` is the
-    safe version for a final location. The model files are checked against their export report
+    from ``onnx_model``, that conversion already written; a float one from its ``.pdmodel``. No
+    staging: for a caller that writes into its own staging directory (the export's attempt
+    directory, published with the rest); ``write_openvino`` is the safe version for a final
+    location. The model files are checked against their export report
     first (``files.verify_export``: an interrupted export is refused). Returns ``[xml, bin]``.
     """
     ov = require_openvino()
