@@ -34,11 +34,12 @@ from qtrainer.quant.export.accuracy_fallback import check_max_drop, export_withi
 from qtrainer.quant.export.isa import resolve_target
 from qtrainer.quant.export.bias_grid import ALIGN_BIASES, align_biases
 from qtrainer.quant.export.plan import mark_fallback, matches, observe_layers, plan_layers, working_copy
-from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
+from qtrainer.quant.export.program import fused_unsigned_inputs, norms_after_convs, residual_conv_weights
 from qtrainer.quant.export.report import ExportCheckError, ExportReport, LayerExport
 from qtrainer.quant.export.samples import check_batches_match, dry_run, normalise_spec, spec_dict
 from qtrainer.quant.export.speed import measure_speed, slow_int8_warning
 from qtrainer.quant.export.selfcheck import CheckResult, compare_samples, find_culprits, judge, sample_batches
+from qtrainer.quant.transforms.fuse import FOLDABLE_NORMS
 from qtrainer.quant.transforms.wrap import QuantedLayer, iter_quanted_layers
 
 __all__ = ["export_quantized_model", "ExportOptions", "CheckOptions"]
@@ -518,6 +519,11 @@ class _Attempt:
         }
 
 
+def _float_output_barrier(layer: nn.Layer, inputs: Any, output: Any) -> Any:
+    """Forward post-hook: a no-op ``scale`` after a batch norm, so that Paddle keeps its output fp32."""
+    return paddle.scale(output, 1.0)
+
+
 def _swap_sublayers(model: nn.Layer, swap: dict[int, nn.Layer]) -> None:
     """Replace, in place, every sublayer of ``model`` whose ``id`` is a key of ``swap`` by its value."""
     for parent in [model, *model.sublayers()]:
@@ -538,6 +544,7 @@ class _Exporter:
         # both read from the traced programs (``save``); the last attempt's
         self.residual_convs: set[str] = set()  # int8 convs kept fp32-output before a residual add
         self.fused_unsigned: set[str] = set()  # int8 layers whose unsigned input needs no no-op relu
+        self.barrier_norms: dict[str, str] = {}  # residual conv -> scale parameter of the batch norm after it
 
     def order_all(self) -> list[str]:
         return self.order + [n for n in self.plans if n not in self.order]
@@ -564,27 +571,42 @@ class _Exporter:
         """Trace and save ``model``, with the two decisions read from its own traced program.
 
         Int8 convolutions before a residual add that Paddle must not fuse get an fp32 output
-        (``residual_conv_weights``); int8 layers whose unsigned input Paddle fuses into a conv +
-        relu/relu6 get no no-op relu (``fused_unsigned_inputs``). Both depend on which layers are
-        int8 in this attempt, so every attempt checks them on its program and traces again when
-        they changed (the analysis reads the same sets from a program already traced with them).
+        (``residual_conv_weights``): a no-op ``scale`` after the batch norm that follows the conv
+        (``norms_after_convs``; Paddle still folds it into the conv), else after the conv itself.
+        Int8 layers whose unsigned input Paddle fuses into a conv + relu/relu6 get no no-op relu
+        (``fused_unsigned_inputs``). These depend on which layers are int8 in this attempt, so every
+        attempt checks them on its program and traces again when they changed (the analysis reads
+        the same sets from a program already traced with them).
         """
         int8_layers = [layer for layer in model.sublayers() if isinstance(layer, tuple(INT8_TYPES.values()))]
+        norms = {layer.weight.name: layer for layer in model.sublayers()
+                 if isinstance(layer, FOLDABLE_NORMS) and getattr(layer, "weight", None) is not None}
         for _ in range(3):
             for layer in int8_layers:
-                layer.float_output = isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
+                layer.float_output = (isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
+                                      and layer.export_name not in self.barrier_norms)
                 layer.unsigned_by_fusion = layer.export_name in self.fused_unsigned
-            self._trace(model, directory)
+            hooks = [norms[name].register_forward_post_hook(_float_output_barrier)
+                     for name in self.barrier_norms.values()]
+            try:
+                self._trace(model, directory)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             ops = read_program_ops(os.path.join(directory, "model.pdmodel"))
             weights = residual_conv_weights(ops)
             residual = {layer.export_name for layer in int8_layers
                         if isinstance(layer, Int8Conv2D) and layer.weight_int8.name in weights}
+            after = norms_after_convs(ops, weights)
+            barrier_norms = {layer.export_name: after[layer.weight_int8.name] for layer in int8_layers
+                             if isinstance(layer, Int8Conv2D) and after.get(layer.weight_int8.name) in norms}
             scales = fused_unsigned_inputs(ops)
             unsigned = {layer.export_name for layer in int8_layers if layer.act_scale.name in scales
                         and not self.plans[layer.export_name].act_signed}
-            if (residual, unsigned) == (self.residual_convs, self.fused_unsigned):
+            decisions = (residual, unsigned, barrier_norms)
+            if decisions == (self.residual_convs, self.fused_unsigned, self.barrier_norms):
                 break
-            self.residual_convs, self.fused_unsigned = residual, unsigned
+            self.residual_convs, self.fused_unsigned, self.barrier_norms = decisions
         else:
             raise RuntimeError("export: the residual/unsigned decisions did not settle after three traces")
 

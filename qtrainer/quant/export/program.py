@@ -1,7 +1,8 @@
 """The legacy-program ops the export emits while ``paddle.jit.save`` traces, and one graph query.
 
 ``append_quant_op`` (``quantize_linear`` / ``dequantize_linear``), ``append_round`` (``floor(x + 0.5)``),
-``residual_conv_weights`` (the convolutions before a residual add that Paddle must not fuse) and
+``residual_conv_weights`` (the convolutions before a residual add that Paddle must not fuse),
+``norms_after_convs`` (the batch norm right after each of them, where the barrier goes) and
 ``fused_unsigned_inputs`` (the quantized inputs that Paddle's conv + relu/relu6 fusion already
 marks unsigned); see ``docs/export-format.md``.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["INT8_BITS", "append_quant_op", "append_round", "residual_conv_weights", "fused_unsigned_inputs"]
+__all__ = [
+    "INT8_BITS", "append_quant_op", "append_round", "residual_conv_weights", "norms_after_convs",
+    "fused_unsigned_inputs",
+]
 
 INT8_BITS = 8
 
@@ -122,6 +126,37 @@ def residual_conv_weights(ops: Sequence[Any]) -> set[str]:
         target = residual_add(op.outputs["Output"][0])
         if target is not None and not fuses(*target):
             found.add(dequantized[op.inputs["Filter"][0]])
+    return found
+
+
+def norms_after_convs(ops: Sequence[Any], weights: set[str]) -> dict[str, str]:
+    """``{weight: batch-norm scale parameter}`` for the convolutions of ``weights`` read by one batch norm.
+
+    The pattern is ``conv2d [-> scale(1.0)] -> batch_norm``, each output read by the next op only.
+    The fp32-output barrier of such a convolution goes after the batch norm instead of between the
+    two: Paddle then folds the batch norm into the int8 convolution (``conv_bn_fuse_pass`` needs
+    them adjacent) and still does not fuse the add, which is what the barrier is for. The values
+    equal the barrier-before-norm graph's, one fp32 batch norm fewer per convolution. ``weights``
+    are the ``X`` of the ``dequantize_linear`` feeding each ``Filter``, as ``residual_conv_weights``
+    returns them.
+    """
+    _, consumers = _graph_index(ops)
+    dequantized = {op.outputs["Y"][0]: op.inputs["X"][0] for op in ops if op.type == "dequantize_linear"}
+
+    def only_user(var: str) -> Any:
+        users = consumers.get(var, [])
+        return users[0] if len(users) == 1 else None
+
+    found = {}
+    for op in ops:
+        weight = dequantized.get(op.inputs["Filter"][0]) if op.type == "conv2d" else None
+        if weight not in weights:
+            continue
+        user = only_user(op.outputs["Output"][0])
+        if user is not None and user.type == "scale":
+            user = only_user(user.outputs["Out"][0])
+        if user is not None and user.type == "batch_norm":
+            found[weight] = user.inputs["Scale"][0]
     return found
 
 

@@ -296,6 +296,8 @@ def test_residual_adds_fuse_where_the_identity_is_quantized(fmnist, tmp_path, mo
     graph: dict = {}
     load_int8_predictor(str(tmp_path / "res"), graph=graph)
     assert graph["conv +residual"] == 1  # block1's conv2 + add (+ relu) run as one int8 kernel
+    # the barrier follows each flagged conv's batch norm, which Paddle folds into the int8 conv
+    assert graph["batch_norm"] == 0
 
     # the float identity (the option off): every residual conv keeps the barrier, as before
     QAT({"quantize_residual_inputs": False}).quantize(baseline)
@@ -306,6 +308,7 @@ def test_residual_adds_fuse_where_the_identity_is_quantized(fmnist, tmp_path, mo
     plain_graph: dict = {}
     load_int8_predictor(str(tmp_path / "plain"), graph=plain_graph)
     assert plain_graph["conv +residual"] == 0 and plain_graph["scale"] == graph["scale"] + 1
+    assert plain_graph["batch_norm"] == 0
 
     # PTQ folds the batch norms into biased convs: the bias add is not a residual add
     from qtrainer.quant.methods.ptq import PTQ, calibrate

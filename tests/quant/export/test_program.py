@@ -14,7 +14,7 @@ from paddle import nn
 import qtrainer.quant.export.orchestration as export_module
 from qtrainer.quant.export import export_quantized_model
 from qtrainer.quant.export.inference import ProgramOp, _new_predictor, make_config, read_program_ops
-from qtrainer.quant.export.program import fused_unsigned_inputs, residual_conv_weights
+from qtrainer.quant.export.program import fused_unsigned_inputs, norms_after_convs, residual_conv_weights
 from qtrainer.quant.transforms.wrap import quantize_model
 
 
@@ -40,6 +40,22 @@ def test_a_bias_add_is_looked_through_and_a_shared_output_is_not_residual():
            *_conv("c", "x", "yc"), _op("relu", {"X": ["yc"]}, {"Out": ["r"]}),
            _op("scale", {"X": ["yc"]}, {"Out": ["s"]})]
     assert residual_conv_weights(ops) == {"a.w8"}
+
+
+def test_the_barrier_goes_after_the_batch_norm_that_alone_reads_the_conv():
+    bn = lambda x, out, g: _op("batch_norm", {"X": [x], "Scale": [g]}, {"Y": [out]})  # noqa: E731
+    ops = [_op("feed", {}, {"Out": ["x"]}),
+           *_conv("a", "x", "ya"), bn("ya", "yb", "a.g"),  # conv -> bn
+           *_conv("b", "x", "yc"), _op("scale", {"X": ["yc"]}, {"Out": ["ys"]}), bn("ys", "yd", "b.g"),  # barrier between
+           _op("elementwise_add", {"X": ["yb"], "Y": ["yd"]}, {"Out": ["z"]}),
+           *_conv("c", "z", "ye"), _op("elementwise_add", {"X": ["ye"], "Y": ["bias"]}, {"Out": ["yf"]}),
+           bn("yf", "yg", "c.g"),  # a bias add in between: the barrier stays at the conv
+           *_conv("d", "z", "yh"), bn("yh", "yi", "d.g"), _op("relu", {"X": ["yh"]}, {"Out": ["yj"]}),  # read twice
+           _op("elementwise_add", {"X": ["yg"], "Y": ["yi"]}, {"Out": ["w"]})]
+    weights = residual_conv_weights(ops)
+    assert weights == {"a.w8", "b.w8", "c.w8"}
+    assert norms_after_convs(ops, weights) == {"a.w8": "a.g", "b.w8": "b.g"}
+    assert norms_after_convs(ops, {"a.w8"}) == {"a.w8": "a.g"}
 
 
 # ---------------------------------------------------------------------- u8 inputs Paddle marks itself
