@@ -544,7 +544,7 @@ class _Exporter:
         # both read from the traced programs (``save``); the last attempt's
         self.residual_convs: set[str] = set()  # int8 convs kept fp32-output before a residual add
         self.fused_unsigned: set[str] = set()  # int8 layers whose unsigned input needs no no-op relu
-        self.barrier_norms: dict[str, str] = {}  # residual conv -> scale parameter of the batch norm after it
+        self.barrier_norms: dict[str, str] = {}  # residual conv -> sublayer path of the batch norm after it
 
     def order_all(self) -> list[str]:
         return self.order + [n for n in self.plans if n not in self.order]
@@ -579,15 +579,16 @@ class _Exporter:
         the same sets from a program already traced with them).
         """
         int8_layers = [layer for layer in model.sublayers() if isinstance(layer, tuple(INT8_TYPES.values()))]
-        norms = {layer.weight.name: layer for layer in model.sublayers()
+        layers = dict(model.named_sublayers())  # paths, stable across the copies of later attempts
+        norms = {layer.weight.name: path for path, layer in layers.items()
                  if isinstance(layer, FOLDABLE_NORMS) and getattr(layer, "weight", None) is not None}
         for _ in range(3):
             for layer in int8_layers:
                 layer.float_output = (isinstance(layer, Int8Conv2D) and layer.export_name in self.residual_convs
                                       and layer.export_name not in self.barrier_norms)
                 layer.unsigned_by_fusion = layer.export_name in self.fused_unsigned
-            hooks = [norms[name].register_forward_post_hook(_float_output_barrier)
-                     for name in self.barrier_norms.values()]
+            hooks = [layers[path].register_forward_post_hook(_float_output_barrier)
+                     for path in self.barrier_norms.values()]
             try:
                 self._trace(model, directory)
             finally:
@@ -598,7 +599,7 @@ class _Exporter:
             residual = {layer.export_name for layer in int8_layers
                         if isinstance(layer, Int8Conv2D) and layer.weight_int8.name in weights}
             after = norms_after_convs(ops, weights)
-            barrier_norms = {layer.export_name: after[layer.weight_int8.name] for layer in int8_layers
+            barrier_norms = {layer.export_name: norms[after[layer.weight_int8.name]] for layer in int8_layers
                              if isinstance(layer, Int8Conv2D) and after.get(layer.weight_int8.name) in norms}
             scales = fused_unsigned_inputs(ops)
             unsigned = {layer.export_name for layer in int8_layers if layer.act_scale.name in scales
