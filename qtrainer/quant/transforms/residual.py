@@ -143,12 +143,15 @@ class _AddPatch:
 def find_residual_sites(model: nn.Layer, inputs: tuple) -> list[ResidualSite]:
     """The residual blocks of ``model`` whose identity input the int8 graph quantizes.
 
-    Runs one forward of a deep copy of ``model`` (eval mode, no gradient) on ``inputs``; the model
-    itself is not touched.
+    Runs one float forward of a deep copy of ``model`` (eval mode, no gradient, the quanted layers
+    computing float) on ``inputs``; the model itself is not touched.
     """
     work = copy.deepcopy(model)
     setattr(work, _PENDING_ATTR, "done")
     work.eval()
+    for layer in work.sublayers():  # the quanted layers compute float: nothing observes or warns
+        if hasattr(type(layer), "compute_float"):
+            layer.compute_float = True
     recorder = _Recorder(work)
     try:
         with paddle.no_grad(), _AddPatch(recorder):

@@ -168,3 +168,14 @@ def test_an_unsigned_identity_added_into_a_signed_output_stays_float():
     net(_batch())
     # the relu-fed LinearBlock (2) is left out; the relu block (4) and the signed LinearBlock (6) are sites
     assert [site.block for site in residual_sites_of(net)] == ["4", "6"]
+
+
+def test_finding_the_sites_observes_nothing_and_warns_nothing(caplog):
+    """The detection forward runs on a float copy: the first training step of a fresh QAT model
+    does not warn, once per layer, that its quanters quantize before observing."""
+    net = _quantized()
+    net.train()
+    with caplog.at_level("WARNING", logger="qtrainer.quant.quanters.fake_quant"):
+        net(paddle.randn([2, 3, 8, 8]))
+    assert residual_sites_of(net)
+    assert "quantizes before its observer" not in caplog.text
