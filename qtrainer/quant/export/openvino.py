@@ -104,6 +104,8 @@ def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any
 
             source = os.path.join(scratch, "model.onnx")
             convert_to_onnx(model_prefix, source, calibration=calibration)
+        if int8:
+            source = _with_clamps_before_quantize(source, scratch)
         try:
             converted = ov.convert_model(source)
         except Exception as err:  # OpenVINO's conversion errors share no public base class
@@ -115,6 +117,21 @@ def convert_openvino(model_prefix: str, xml_path: str, calibration: Sequence[Any
             raise RuntimeError(f"openvino.save_model did not write {path!r}")
         fsync_file(path)
     return written
+
+
+def _with_clamps_before_quantize(onnx_path: str, scratch: str) -> str:
+    """``onnx_path``, or its copy in ``scratch`` with the code clamps before their quantize
+    (``qtrainer.quant.export.code_clamps``: the form OpenVINO fuses)."""
+    from qtrainer.quant.export.code_clamps import clamps_before_quantize
+    from qtrainer.quant.export.onnx_runtime import require_onnx
+
+    onnx = require_onnx()
+    model = onnx.load(onnx_path)
+    if not clamps_before_quantize(model):
+        return onnx_path
+    rewritten = os.path.join(scratch, "model.openvino.onnx")
+    onnx.save(model, rewritten)
+    return rewritten
 
 
 def write_openvino(model_prefix: str, calibration: Sequence[Any] | None = None) -> list[str]:

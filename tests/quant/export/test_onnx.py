@@ -372,6 +372,58 @@ def test_an_explicit_clip_runs_on_the_codes_and_the_model_computes_the_simulatio
     assert np.mean(deployed.argmax(1) == reference.argmax(1)) >= 0.998
 
 
+def test_code_clamps_move_before_their_quantize_with_the_same_result(fmnist, cnn_export, tmp_path):
+    """For OpenVINO (``code_clamps``): each ``QuantizeLinear -> Clip`` of the codes becomes a float
+    ``Clip -> QuantizeLinear``; the model computes the same numbers (unfused onnxruntime, exactly)."""
+    import onnx
+
+    from qtrainer.quant.export.code_clamps import clamps_before_quantize
+
+    net = copy.deepcopy(cnn_export["net"])
+    prefix = str(tmp_path / "clipped")
+    batches = samples(fmnist)
+    export_quantized_model(net, prefix, sample_inputs=batches, formats=("paddle", "onnx"), clip_activations=True,
+                           fallback=False, measure_speed=False, on_failure="write")
+    model = onnx.load(prefix + ".onnx")
+
+    def clips_on_codes(graph) -> list:
+        producers = {out: node for node in graph.node for out in node.output}
+        return [node for node in graph.node if node.op_type == "Clip"
+                and getattr(producers.get(node.input[0]), "op_type", None) == "QuantizeLinear"]
+
+    before = len(clips_on_codes(model.graph))
+    assert before >= 2
+    assert clamps_before_quantize(model) == before
+    onnx.checker.check_model(model)
+    assert clips_on_codes(model.graph) == []
+    producers = {out: node for node in model.graph.node for out in node.output}
+    quantizes = [node for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    assert sum(getattr(producers.get(q.input[0]), "op_type", None) == "Clip" for q in quantizes) >= before
+    onnx.save(model, str(tmp_path / "moved.onnx"))
+    np.testing.assert_array_equal(_run_unfused(str(tmp_path / "moved.onnx"), batches),
+                                  _run_unfused(prefix + ".onnx", batches))
+    assert clamps_before_quantize(model) == 0  # nothing left to move
+
+
+def test_a_clamp_to_all_256_codes_is_left_out(fmnist, cnn_export, tmp_path):
+    """The explicit clip to ``T`` is 127 u8 codes on the headroom grid (a ``Clip`` of the codes) and all
+    255 with ``target="vnni"``, where the quantize saturates there anyway: no ``Clip`` at all."""
+    import onnx
+
+    batches = samples(fmnist)
+    counts = {}
+    for target in ("portable", "vnni"):
+        prefix = str(tmp_path / target)
+        export_quantized_model(copy.deepcopy(cnn_export["net"]), prefix, sample_inputs=batches, target=target,
+                               formats=("paddle", "onnx"), clip_activations=True, check=False, fallback=False,
+                               measure_speed=False, on_failure="write")
+        graph = onnx.load(prefix + ".onnx").graph
+        producers = {out: node for node in graph.node for out in node.output}
+        counts[target] = [getattr(producers.get(node.input[0]), "op_type", "input")
+                          for node in graph.node if node.op_type == "Clip"]
+    assert counts["portable"].count("QuantizeLinear") >= 2 and "QuantizeLinear" not in counts["vnni"], counts
+
+
 def test_the_onnx_export_moves_biases_onto_the_int32_grid(fmnist, cnn_export, tmp_path):
     """With an ONNX model the export moves each int8 conv's folded bias (here its batch norm's beta) onto
     the int32 grid onnxruntime adds it on, in the model itself; ``align_biases=False`` leaves the model

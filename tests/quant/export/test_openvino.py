@@ -231,6 +231,27 @@ def test_export_writes_and_checks_the_openvino_ir(exported, tmp_path):
     assert not os.path.exists(prefix + ".xml") and not os.path.exists(prefix + ".bin")
 
 
+def test_the_ir_clamps_float_values_before_the_fake_quantize(exported, tmp_path):
+    """Explicit clips become clamps of the u8 codes in our ONNX; in the IR each is a float ``Clamp``
+    before its FakeQuantize (``code_clamps``), which OpenVINO folds into it, and the IR still
+    computes what the simulation computes."""
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    import copy
+
+    import openvino as ov
+
+    prefix = str(tmp_path / "clipped")
+    net = copy.deepcopy(exported["net"])
+    report = export_quantized_model(net, prefix, sample_inputs=exported["batches"], clip_activations=True,
+                                    formats=("paddle", "openvino"), fallback=False, measure_speed=False,
+                                    on_failure="write")
+    assert all(layer.act_clip for layer in report.layers)
+    clamps = [op for op in ov.Core().read_model(prefix + ".xml").get_ops() if op.get_type_name() == "Clamp"]
+    assert len(clamps) >= len(report.int8_layers) - 1  # every int8 layer's clip but the image's
+    assert all(op.get_input_element_type(0) == ov.Type.f32 for op in clamps)
+    assert_agrees(report.openvino, 0.05)
+
+
 def test_export_formats_are_checked_before_any_work(exported, tmp_path, monkeypatch):
     for formats, message in ((("paddle", "onnxx"), "accepted names"), (("openvino",), "'paddle' must be"),
                              ("paddle", "must be a tuple")):
