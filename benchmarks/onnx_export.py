@@ -20,7 +20,8 @@ the last two as sample inputs; the FP32 model saved with ``paddle.jit.save``). E
   norms folded into the convolutions) runs first, as onnxruntime's documentation advises
   (``--no-preprocess`` skips it; the JSON records which was done and whether it failed);
 * with OpenVINO installed (``--no-openvino`` skips it): the FP32 ONNX (``ov fp32``) and our
-  ``model.onnx`` (``ov ours``) read by ``openvino.convert_model``, and OpenVINO + NNCF PTQ
+  ``model.onnx`` (``ov ours``) converted as ``formats=("paddle", "openvino")`` writes it
+  (``convert_openvino``: code clamps moved before their quantize), and OpenVINO + NNCF PTQ
   (``nncf.quantize`` of the FP32 ONNX's OpenVINO model, ``target_device=CPU``, the same three
   batches: ``deploy_speed.nncf_model``), compiled as ``load_openvino`` does (latency hint, one stream,
   fp32 inference precision) for the static batch size timed.
@@ -79,6 +80,7 @@ from qtrainer.quant.export.onnx import (  # noqa: E402
     run_onnxruntime,
 )
 from qtrainer.quant.export.openvino import (  # noqa: E402
+    convert_openvino,
     load_openvino,
     require_openvino,
     run_openvino,
@@ -180,14 +182,14 @@ def peer_models(fp32_onnx: str, directory: str, preprocess: bool,
     return paths, info
 
 
-def openvino_models(fp32_onnx: str, ours_onnx: str, directory: str, use_nncf: bool) -> tuple[dict[str, str], dict]:
-    """OpenVINO IR of the FP32 ONNX and of ours (``convert_model``), and NNCF's PTQ of the FP32 one."""
+def openvino_models(fp32_onnx: str, int8_prefix: str, ours_onnx: str, directory: str,
+                    use_nncf: bool) -> tuple[dict[str, str], dict]:
+    """OpenVINO IR of the FP32 ONNX (``convert_model``), of ours as the export writes it
+    (``convert_openvino`` from our ONNX), and NNCF's PTQ of the FP32 one."""
     ov = require_openvino()
-    paths, info = {}, {}
-    for runtime, source in (("ov_fp32", fp32_onnx), ("ov_ours", ours_onnx)):
-        xml = os.path.join(directory, f"{runtime}.xml")
-        ov.save_model(ov.convert_model(source), xml, compress_to_fp16=False)
-        paths[runtime] = xml
+    paths, info = {"ov_fp32": os.path.join(directory, "ov_fp32.xml"), "ov_ours": os.path.join(directory, "ov_ours.xml")}
+    ov.save_model(ov.convert_model(fp32_onnx), paths["ov_fp32"], compress_to_fp16=False)
+    convert_openvino(int8_prefix, paths["ov_ours"], onnx_model=ours_onnx)
     if use_nncf:
         start = time.perf_counter()
         paths["ov_nncf"] = nncf_model(paths["ov_fp32"], os.path.join(directory, "ov_nncf.xml"))
@@ -206,7 +208,7 @@ def prepare_model(name: str, workdir: str, args) -> tuple[dict[str, str], dict, 
     peers, info["peer"] = peer_models(paths["ort_fp32"], directory, not args.no_preprocess)
     paths.update(peers)
     if args.openvino:
-        ov_paths, info["openvino"] = openvino_models(paths["ort_fp32"], paths["ours"], directory, args.nncf)
+        ov_paths, info["openvino"] = openvino_models(paths["ort_fp32"], int8_prefix, paths["ours"], directory, args.nncf)
         paths.update(ov_paths)
     return paths, info, samples, reference
 
