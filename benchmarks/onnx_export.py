@@ -187,7 +187,8 @@ def openvino_models(fp32_onnx: str, int8_prefix: str, ours_onnx: str, directory:
     """OpenVINO IR of the FP32 ONNX (``convert_model``), of ours as the export writes it
     (``convert_openvino`` from our ONNX), and NNCF's PTQ of the FP32 one."""
     ov = require_openvino()
-    paths, info = {"ov_fp32": os.path.join(directory, "ov_fp32.xml"), "ov_ours": os.path.join(directory, "ov_ours.xml")}
+    paths = {"ov_fp32": os.path.join(directory, "ov_fp32.xml"), "ov_ours": os.path.join(directory, "ov_ours.xml")}
+    info: dict = {}
     ov.save_model(ov.convert_model(fp32_onnx), paths["ov_fp32"], compress_to_fp16=False)
     convert_openvino(int8_prefix, paths["ov_ours"], onnx_model=ours_onnx)
     if use_nncf:
